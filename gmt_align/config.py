@@ -1,0 +1,145 @@
+"""``GMTSFTConfig`` and ``GMTDPOConfig``: TRL's configs plus flat ``gmt_*`` fields.
+
+Parameters (added to every field of the parent TRL config):
+
+> GMT selection
+
+    gmt_mask_ratio (`float`, defaults to `0.2`):
+        Fraction of the entries of each selection unit that are masked (NOT updated) at each
+        optimizer step, chosen on the gradient accumulated over the whole accumulation window.
+        ``0 <= gmt_mask_ratio < 1``; ``0`` is exactly the parent trainer, bit for bit.
+    gmt_granularity (`str`, defaults to `"tensor"`):
+        ``"tensor"``: one threshold per parameter tensor. ``"global"``: one threshold over all
+        maskable parameters together.
+    gmt_selection (`str`, defaults to `"magnitude"`):
+        ``"magnitude"``: keep the largest |gradient| (GMT). ``"random"``: the same number of
+        entries, chosen uniformly at random afresh each step (the ablation baseline).
+    gmt_exclude (`list[str]`, defaults to `[]`):
+        Regular expressions (``re.search``) over parameter names; a tensor matching any of them
+        is never masked (always fully updated). A tied tensor matches through any of its names.
+    gmt_seed (`int` or `None`, defaults to `None`):
+        Seed of the random masks; ``None`` uses ``seed``.
+
+> GMT update rule
+
+    gmt_mode (`str`, defaults to `"gradient"`):
+        ``"gradient"`` (the paper): the optimizer receives the masked gradient. Its state still
+        moves masked entries: AdamW's momentum and decoupled weight decay change them.
+        ``"update"``: the optimizer receives the masked gradient too, and the masked weights are
+        then restored bit for bit, so the step changes no masked weight (weight decay included).
+        Their optimizer state is updated as if their gradient were zero (AdamW: ``exp_avg``
+        decays by ``beta1``, ``exp_avg_sq`` by ``beta2``, the step count advances).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from trl import DPOConfig, SFTConfig
+
+from .engine import MaskOptions
+
+__all__ = ["GMTArguments", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "mask_options"]
+
+GMT_CHOICES = {
+    "gmt_granularity": ("tensor", "global"),
+    "gmt_mode": ("gradient", "update"),
+    "gmt_selection": ("magnitude", "random"),
+}
+
+
+@dataclass
+class GMTArguments:
+    """The ``gmt_*`` fields, shared by the SFT and DPO configs (see the module docstring)."""
+
+    gmt_mask_ratio: float = field(
+        default=0.2,
+        metadata={
+            "help": "Fraction of each unit's entries that are masked (not updated) per optimizer step, "
+            "chosen on the accumulated gradient. 0 <= ratio < 1; 0 is plain training."
+        },
+    )
+    gmt_granularity: str = field(
+        default="tensor",
+        metadata={
+            "help": "Selection unit: one threshold per parameter tensor, or one global threshold.",
+            "choices": list(GMT_CHOICES["gmt_granularity"]),
+        },
+    )
+    gmt_mode: str = field(
+        default="gradient",
+        metadata={
+            "help": "'gradient': the optimizer gets the masked gradient (momentum and weight decay may "
+            "still move masked entries). 'update': masked weights are also left bit-for-bit unchanged.",
+            "choices": list(GMT_CHOICES["gmt_mode"]),
+        },
+    )
+    gmt_selection: str = field(
+        default="magnitude",
+        metadata={
+            "help": "'magnitude': keep the largest |gradient| (GMT). 'random': keep as many entries, "
+            "drawn uniformly afresh each step (ablation baseline).",
+            "choices": list(GMT_CHOICES["gmt_selection"]),
+        },
+    )
+    gmt_exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Regexes over parameter names (re.search); matching tensors are never masked."},
+    )
+    gmt_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the random masks (gmt_selection=random); defaults to `seed`."},
+    )
+
+    def validate_gmt(self) -> None:
+        """Raise ``ValueError`` with a one-line message naming the first bad ``gmt_*`` field."""
+        ratio = self.gmt_mask_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"gmt_mask_ratio must be a number with 0 <= ratio < 1, got {ratio!r}")
+        self.gmt_mask_ratio = float(ratio)
+        for key, choices in GMT_CHOICES.items():
+            value = getattr(self, key)
+            if value not in choices:
+                raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        if isinstance(self.gmt_exclude, str):
+            self.gmt_exclude = [self.gmt_exclude]
+        if not isinstance(self.gmt_exclude, (list, tuple)):
+            raise ValueError(f"gmt_exclude must be a list of regexes, got {self.gmt_exclude!r}")
+        for pattern in self.gmt_exclude:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"gmt_exclude has an invalid regex {pattern!r}: {error}") from None
+        if self.gmt_seed is not None and (isinstance(self.gmt_seed, bool) or not isinstance(self.gmt_seed, int)):
+            raise ValueError(f"gmt_seed must be an integer or null, got {self.gmt_seed!r}")
+
+
+def mask_options(args: GMTArguments) -> MaskOptions:
+    """The engine's view of the ``gmt_*`` fields of a config."""
+    return MaskOptions(
+        mask_ratio=args.gmt_mask_ratio,
+        granularity=args.gmt_granularity,
+        mode=args.gmt_mode,
+        selection=args.gmt_selection,
+        exclude=tuple(args.gmt_exclude),
+        seed=args.gmt_seed if args.gmt_seed is not None else args.seed,
+    )
+
+
+@dataclass
+class GMTSFTConfig(GMTArguments, SFTConfig):
+    """``trl.SFTConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`."""
+
+    def __post_init__(self):
+        self.validate_gmt()
+        super().__post_init__()
+
+
+@dataclass
+class GMTDPOConfig(GMTArguments, DPOConfig):
+    """``trl.DPOConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`."""
+
+    def __post_init__(self):
+        self.validate_gmt()
+        super().__post_init__()

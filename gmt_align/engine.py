@@ -1,0 +1,192 @@
+"""The masking engine: one implementation of GMT, fed by whichever optimizer adapter is in use.
+
+An adapter describes what this process really holds as :class:`Fragment` s — 1-D views of a
+gradient and of the weights the optimizer will update, each tagged with the parameter tensor it
+belongs to and its offset inside that tensor. On one process (or DDP) a fragment is a whole
+parameter; under ZeRO it is the slice of a parameter inside this rank's flat fp32 partition.
+The engine then:
+
+1. :meth:`MaskEngine.select` — finds each unit's threshold with :func:`select_thresholds`
+   (collective through ``reduce``, so every rank gets the single-process answer);
+2. :meth:`MaskEngine.mask` — zeroes the masked gradient entries in place (``gradient`` and
+   ``update`` modes) and, in ``update`` mode, keeps the masked weights aside;
+3. :meth:`MaskEngine.restore` — after the optimizer step (``update`` mode), writes the masked
+   weights back bit for bit.
+
+Selection rule (identical on every rank):
+    k = n - floor(ratio * n) entries of a unit of n entries are to be kept. T is the k-th largest
+    score. ``magnitude``: score = |g|, and T is raised to the smallest positive float, so an entry
+    whose gradient is exactly zero is never kept (it carries no signal). Kept = score >= T: ties
+    at T are all kept, so at least k entries are kept, unless fewer than k are non-zero.
+    ``random``: score = uniform [0, 1) drawn from (seed, step, tensor, position); same rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .selection import CHUNK, Reduce, keep_count, random_chunks, select_thresholds
+
+__all__ = ["Fragment", "MaskEngine", "MaskOptions", "TensorInfo", "excluded"]
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """The ``gmt_*`` options, resolved (see :class:`gmt_align.config.GMTArguments`)."""
+
+    mask_ratio: float
+    granularity: str = "tensor"
+    mode: str = "gradient"
+    selection: str = "magnitude"
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A parameter tensor as every rank sees it: stable id (its index here), names, full size."""
+
+    names: tuple[str, ...]
+    numel: int
+
+
+@dataclass
+class Fragment:
+    """A contiguous piece of one parameter tensor held by this process."""
+
+    tensor_id: int
+    offset: int
+    grad: torch.Tensor
+    weight: torch.Tensor
+    # Filled by MaskEngine.mask in update mode, consumed by restore.
+    _kept: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _masked_weights: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+
+def excluded(names: Sequence[str], patterns: Sequence[str]) -> bool:
+    """True if any name of the tensor matches (``re.search``) any exclude pattern."""
+    return any(re.search(pattern, name) for pattern in patterns for name in names)
+
+
+class MaskEngine:
+    """GMT on the fragments an adapter hands it. Holds no reference to DeepSpeed or to ranks."""
+
+    def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
+        self.options = options
+        self.tensors = list(tensors)
+        self.reduce = reduce
+        self.maskable = [not excluded(t.names, options.exclude) for t in self.tensors]
+        if options.granularity == "global":
+            self.unit_of = [0 if m else -1 for m in self.maskable]
+            self.unit_names = ["global"]
+            total = sum(t.numel for t, m in zip(self.tensors, self.maskable) if m)
+            self.keep = [keep_count(total, options.mask_ratio)]
+        else:
+            ids = [i for i, m in enumerate(self.maskable) if m]
+            self.unit_of = [-1] * len(self.tensors)
+            for unit, i in enumerate(ids):
+                self.unit_of[i] = unit
+            self.unit_names = [self.tensors[i].names[0] for i in ids]
+            self.keep = [keep_count(self.tensors[i].numel, options.mask_ratio) for i in ids]
+        self.thresholds = torch.full((len(self.keep),), -1, dtype=torch.int64)
+        self.step = 0
+        self.kept_counts = torch.zeros(len(self.tensors), dtype=torch.int64)
+        self.steps_since_log = 0
+
+    # --- 1. selection -----------------------------------------------------------------------
+    def select(self, fragments: Sequence[Fragment], step: int) -> torch.Tensor:
+        """Compute every unit's threshold (bit pattern) from all fragments this process holds."""
+        self.step = step
+        by_unit: list[list[Fragment]] = [[] for _ in self.keep]
+        for fragment in fragments:
+            unit = self.unit_of[fragment.tensor_id]
+            if unit >= 0:
+                by_unit[unit].append(fragment)
+
+        def score_chunks(unit: int) -> Iterator[torch.Tensor]:
+            for fragment in by_unit[unit]:
+                yield from self._scores(fragment)
+
+        thresholds = select_thresholds(
+            len(self.keep), score_chunks, self.keep, self.reduce, names=self.unit_names
+        )
+        if self.options.selection == "magnitude":
+            thresholds = thresholds.clamp(min=1)  # exact zeros are never kept
+        self.thresholds = thresholds
+        return thresholds
+
+    def _scores(self, fragment: Fragment) -> Iterator[torch.Tensor]:
+        if self.options.selection == "random":
+            yield from random_chunks(
+                self.options.seed, self.step, fragment.tensor_id, fragment.offset, fragment.grad.numel()
+            )
+        else:
+            flat = fragment.grad
+            for start in range(0, flat.numel(), CHUNK):
+                yield flat[start : start + CHUNK].float().abs()
+
+    # --- 2. masking -------------------------------------------------------------------------
+    def mask(self, fragments: Sequence[Fragment]) -> None:
+        """Zero the masked gradient entries in place; in update mode keep the masked weights."""
+        keep_weights = self.options.mode == "update"
+        for fragment in fragments:
+            unit = self.unit_of[fragment.tensor_id]
+            if unit < 0:
+                continue
+            threshold = int(self.thresholds[unit])
+            kept_total = 0
+            fragment._kept, fragment._masked_weights = [], []
+            start = 0
+            for scores in self._scores(fragment):
+                stop = start + scores.numel()
+                kept = scores.view(torch.int32) >= threshold
+                fragment.grad[start:stop].masked_fill_(~kept, 0)
+                kept_total += int(kept.sum())
+                if keep_weights:
+                    fragment._kept.append(kept)
+                    fragment._masked_weights.append(fragment.weight[start:stop][~kept].clone())
+                start = stop
+            self.kept_counts[fragment.tensor_id] += kept_total
+
+    # --- 3. restore (update mode) -----------------------------------------------------------
+    def restore(self, fragments: Sequence[Fragment]) -> None:
+        """Write back the weights that :meth:`mask` kept aside, bit for bit."""
+        for fragment in fragments:
+            start = 0
+            for kept, saved in zip(fragment._kept, fragment._masked_weights):
+                stop = start + kept.numel()
+                fragment.weight[start:stop][~kept] = saved
+                start = stop
+            fragment._kept, fragment._masked_weights = [], []
+
+    # --- figures ----------------------------------------------------------------------------
+    def end_step(self) -> None:
+        self.steps_since_log += 1
+
+    def pop_stats(self) -> dict[str, float]:
+        """Figures since the last call, for the Trainer's ``log()`` (``gmt/...`` keys)."""
+        if self.steps_since_log == 0:
+            return {}
+        kept = self.kept_counts.clone()
+        if self.reduce is not None:
+            kept = self.reduce(kept)
+        maskable = torch.tensor(self.maskable)
+        numel = torch.tensor([t.numel for t in self.tensors], dtype=torch.int64)
+        total = int(numel[maskable].sum()) * self.steps_since_log
+        stats = {
+            "gmt/kept_fraction": float(kept[maskable].sum()) / max(total, 1),
+            "gmt/masked_fraction_target": float(self.options.mask_ratio),
+        }
+        finite = self.thresholds[(self.thresholds >= 0) & (self.thresholds < 0x7F800000)]
+        if finite.numel():
+            values = finite.to(torch.int32).view(torch.float32)
+            stats["gmt/threshold_min"] = float(values.min())
+            stats["gmt/threshold_median"] = float(values.median())
+            stats["gmt/threshold_max"] = float(values.max())
+        self.kept_counts.zero_()
+        self.steps_since_log = 0
+        return stats

@@ -1,0 +1,130 @@
+"""Bad input: exit status 2 and one line naming the key, before any model is loaded."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gmt_align.cli import main
+from gmt_align.train import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+# A hub id that cannot be loaded offline: if a bad recipe got as far as loading it, the error
+# would be a long traceback about the hub, not the one line these tests expect.
+UNLOADABLE = "gmt-align-tests/no-such-model"
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n')
+
+    def write(method="sft", **overrides):
+        fields = {
+            "model_name_or_path": UNLOADABLE,
+            "dataset_name": str(data),
+            "output_dir": str(tmp_path / "out"),
+            "bf16": False,
+            "report_to": "none",
+        }
+        fields.update(overrides)
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(fields))
+        return str(path)
+
+    return write
+
+
+def run_main(capsys, *argv):
+    status = main(list(argv))
+    err = capsys.readouterr().err
+    return status, [line for line in err.splitlines() if line.strip() and "Warning" not in line]
+
+
+BAD_VALUES = [
+    ("gmt_mask_ratio", 1.0),
+    ("gmt_mask_ratio", -0.1),
+    ("gmt_mask_ratio", True),
+    ("gmt_mask_ratio", "lots"),
+    ("gmt_granularity", "layer"),
+    ("gmt_mode", "weights"),
+    ("gmt_selection", "topk"),
+    ("gmt_exclude", ["(unclosed"]),
+    ("gmt_seed", "abc"),
+]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("key,value", BAD_VALUES)
+def test_bad_gmt_value_in_recipe(capsys, recipe, method, key, value):
+    status, lines = run_main(capsys, method, "--config", recipe(method, **{key: value}))
+    assert status == 2
+    assert len(lines) == 1 and key in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("gmt_mask_ratio", "1.5"), ("gmt_mask_ratio", "x"), ("gmt_granularity", "layer"), ("gmt_mode", "w"),
+     ("gmt_selection", "topk"), ("gmt_seed", "1.5")],
+)
+def test_bad_gmt_value_on_command_line(capsys, recipe, key, value):
+    status, lines = run_main(capsys, "sft", "--config", recipe(), f"--{key}", value)
+    assert status == 2
+    assert len(lines) == 1 and key in lines[0], lines
+
+
+def test_unknown_recipe_key_is_named(capsys, recipe):
+    status, lines = run_main(capsys, "sft", "--config", recipe(gmt_mask_ration=0.3))
+    assert status == 2
+    assert lines == ["gmt-align sft: error: unknown key(s) in recipe: gmt_mask_ration"]
+
+
+def test_unknown_command_line_flag_is_named(capsys, recipe):
+    status, lines = run_main(capsys, "sft", "--config", recipe(), "--gmt_ratio", "0.3")
+    assert status == 2
+    assert len(lines) == 1 and "gmt_ratio" in lines[0], lines
+
+
+def test_missing_files_are_named(capsys, recipe, tmp_path):
+    status, lines = run_main(capsys, "sft", "--config", str(tmp_path / "nope.yaml"))
+    assert status == 2 and "nope.yaml" in lines[0] and len(lines) == 1
+    status, lines = run_main(capsys, "sft", "--config", recipe(dataset_name=str(tmp_path / "gone.jsonl")))
+    assert status == 2 and "dataset_name" in lines[0] and len(lines) == 1
+    status, lines = run_main(capsys, "sft", "--config", recipe(model_name_or_path="./no-model-dir"))
+    assert status == 2 and "model_name_or_path" in lines[0] and len(lines) == 1
+
+
+def test_unknown_command(capsys):
+    status, lines = run_main(capsys, "ppo")
+    assert status == 2 and len(lines) == 1 and "ppo" in lines[0]
+
+
+def test_command_line_overrides_recipe(recipe):
+    _, args, model_args = parse_recipe(
+        "sft", ["--config", recipe(gmt_mask_ratio=0.1, max_steps=7), "--gmt_mask_ratio", "0.3", "--gmt_mode", "update"]
+    )
+    assert (args.gmt_mask_ratio, args.gmt_mode, args.max_steps) == (0.3, "update", 7)
+    assert model_args.model_name_or_path == UNLOADABLE
+
+
+def test_shipped_recipes_parse():
+    for method in ("sft", "dpo"):
+        recipe = ROOT / "recipes" / "quickstart" / f"{method}.yaml"
+        overrides = ["--model_name_or_path", UNLOADABLE, "--dataset_name", "hub/data"]  # made by make quickstart
+        _, args, _ = parse_recipe(method, ["--config", str(recipe), *overrides])
+        assert args.gmt_mask_ratio == yaml.safe_load(recipe.read_text())["gmt_mask_ratio"]
+
+
+def test_real_process_exits_2_without_traceback(recipe):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gmt_align.cli", "dpo", "--config", recipe("dpo", gmt_mode="sideways")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == ["gmt-align dpo: error: gmt_mode must be one of gradient, update; got 'sideways'"]
