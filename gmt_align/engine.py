@@ -77,6 +77,8 @@ class MaskEngine:
 
     def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
         self.options = options
+        self.record_masks = False  # tests: keep (tensor_id, offset, kept) of the last mask() calls
+        self.recorded: list[tuple[int, int, torch.Tensor]] = []
         self.tensors = list(tensors)
         self.reduce = reduce
         self.maskable = [not excluded(t.names, options.exclude) for t in self.tensors]
@@ -93,30 +95,43 @@ class MaskEngine:
             self.unit_names = [self.tensors[i].names[0] for i in ids]
             self.keep = [keep_count(self.tensors[i].numel, options.mask_ratio) for i in ids]
         self.thresholds = torch.full((len(self.keep),), -1, dtype=torch.int64)
-        self.step = 0
+        self.step = -1
         self.kept_counts = torch.zeros(len(self.tensors), dtype=torch.int64)
         self.steps_since_log = 0
 
     # --- 1. selection -----------------------------------------------------------------------
-    def select(self, fragments: Sequence[Fragment], step: int) -> torch.Tensor:
-        """Compute every unit's threshold (bit pattern) from all fragments this process holds."""
-        self.step = step
-        by_unit: list[list[Fragment]] = [[] for _ in self.keep]
-        for fragment in fragments:
-            unit = self.unit_of[fragment.tensor_id]
-            if unit >= 0:
-                by_unit[unit].append(fragment)
+    def units_of(self, tensor_ids: Sequence[int]) -> list[int]:
+        """The selection units that the given tensors belong to (excluded tensors have none)."""
+        return sorted({self.unit_of[t] for t in tensor_ids if self.unit_of[t] >= 0})
 
-        def score_chunks(unit: int) -> Iterator[torch.Tensor]:
-            for fragment in by_unit[unit]:
+    def select(self, fragments: Sequence[Fragment], step: int, units: Sequence[int] | None = None) -> torch.Tensor:
+        """Compute the thresholds (bit patterns) of ``units`` (default: all) from the fragments.
+
+        Every process must pass the same ``units``, even one that holds no fragment of them: the
+        count matrices reduced across processes have one row per unit.
+        """
+        units = list(range(len(self.keep))) if units is None else list(units)
+        if step != self.step:
+            self.step = step
+            self.steps_since_log += 1
+        row_of = {unit: row for row, unit in enumerate(units)}
+        by_row: list[list[Fragment]] = [[] for _ in units]
+        for fragment in fragments:
+            row = row_of.get(self.unit_of[fragment.tensor_id])
+            if row is not None:
+                by_row[row].append(fragment)
+
+        def score_chunks(row: int) -> Iterator[torch.Tensor]:
+            for fragment in by_row[row]:
                 yield from self._scores(fragment)
 
         thresholds = select_thresholds(
-            len(self.keep), score_chunks, self.keep, self.reduce, names=self.unit_names
+            len(units), score_chunks, [self.keep[u] for u in units], self.reduce,
+            names=[self.unit_names[u] for u in units],
         )
         if self.options.selection == "magnitude":
             thresholds = thresholds.clamp(min=1)  # exact zeros are never kept
-        self.thresholds = thresholds
+        self.thresholds[units] = thresholds
         return thresholds
 
     def _scores(self, fragment: Fragment) -> Iterator[torch.Tensor]:
@@ -146,6 +161,8 @@ class MaskEngine:
                 kept = scores.view(torch.int32) >= threshold
                 fragment.grad[start:stop].masked_fill_(~kept, 0)
                 kept_total += int(kept.sum())
+                if self.record_masks:
+                    self.recorded.append((fragment.tensor_id, fragment.offset + start, kept.clone()))
                 if keep_weights:
                     fragment._kept.append(kept)
                     fragment._masked_weights.append(fragment.weight[start:stop][~kept].clone())
@@ -164,16 +181,17 @@ class MaskEngine:
             fragment._kept, fragment._masked_weights = [], []
 
     # --- figures ----------------------------------------------------------------------------
-    def end_step(self) -> None:
-        self.steps_since_log += 1
-
     def pop_stats(self) -> dict[str, float]:
-        """Figures since the last call, for the Trainer's ``log()`` (``gmt/...`` keys)."""
-        if self.steps_since_log == 0:
-            return {}
+        """Figures since the last call, for the Trainer's ``log()`` (``gmt/...`` keys).
+
+        Collective when the engine has a ``reduce``: every process must call it at the same time
+        (the Trainer calls ``log()`` on every process).
+        """
         kept = self.kept_counts.clone()
         if self.reduce is not None:
             kept = self.reduce(kept)
+        if self.steps_since_log == 0:
+            return {}
         maskable = torch.tensor(self.maskable)
         numel = torch.tensor([t.numel for t in self.tensors], dtype=torch.int64)
         total = int(numel[maskable].sum()) * self.steps_since_log

@@ -104,7 +104,7 @@ def select_thresholds(
                 if round_index > 0:
                     bits = bits[(bits >> high) == want]
                 digit = (bits >> shift) & ((1 << width) - 1)
-                row += torch.bincount(digit, minlength=256)
+                row += torch.bincount(digit, minlength=256).to(row.device)
         counts = reduce(counts)
         if round_index == 0:
             _raise_on_non_finite(counts[:, INF_BITS >> 23], names)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmt_align.adapters import TorchOptimizerAdapter
+from gmt_align.adapters import attach as attach_gmt
 from gmt_align.engine import MaskOptions
 from gmt_align.selection import NonFiniteGradientError, keep_count
 
@@ -37,7 +37,7 @@ def backward(model, seed=0):
 
 def attach(model, optimizer, **options):
     step = {"n": 0}
-    adapter = TorchOptimizerAdapter(optimizer, model, MaskOptions(**options), lambda: step["n"])
+    adapter = attach_gmt(optimizer, model, MaskOptions(**options), lambda: step["n"])
     return adapter, step
 
 

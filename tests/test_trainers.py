@@ -79,9 +79,9 @@ def test_masks_once_per_optimizer_step_on_the_accumulated_gradient(tokenizer, tm
     calls = []
     original = MaskEngine.select
 
-    def spy(self, fragments, step):
+    def spy(self, fragments, step, *args, **kwargs):
         calls.append(step)
-        return original(self, fragments, step)
+        return original(self, fragments, step, *args, **kwargs)
 
     monkeypatch.setattr(MaskEngine, "select", spy)
     args = GMTSFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1,

@@ -1,4 +1,9 @@
-"""One adapter per kind of optimizer DeepSpeed or the Trainer really built; one dispatch on its class."""
+"""One adapter per kind of optimizer DeepSpeed or the Trainer really built; one dispatch on its class.
+
+Every kind goes through :class:`~gmt_align.adapters.hooks.HookAdapter`; the kinds differ only in
+the layout of what each rank holds (``torch_optimizer.py``, ``zero.py``) and in whether ranks must
+sum their counts (ZeRO partitions) or already agree (whole averaged gradients).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,13 @@ from collections.abc import Callable
 
 import torch
 
-from ..engine import MaskOptions
-from .torch_optimizer import TorchOptimizerAdapter
+from ..distributed import AllReduce, rank_of
+from ..engine import MaskEngine, MaskOptions
+from .hooks import HookAdapter, Partition, Piece, tensor_table
+from .torch_optimizer import torch_partitions
+from .zero import UnsupportedOptimizerError, hp_mapping_partitions, refuse_unmappable, zero3_partitions
 
-__all__ = ["TorchOptimizerAdapter", "UnsupportedOptimizerError", "attach", "unwrap_optimizer"]
-
-
-class UnsupportedOptimizerError(RuntimeError):
-    """GMT cannot place its mask inside this optimizer; training must not go on unmasked."""
+__all__ = ["HookAdapter", "Partition", "Piece", "UnsupportedOptimizerError", "attach", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer: object) -> object:
@@ -27,14 +31,42 @@ def unwrap_optimizer(optimizer: object) -> object:
 
 def attach(
     optimizer: object, model: torch.nn.Module, options: MaskOptions, current_step: Callable[[], int]
-) -> TorchOptimizerAdapter:
-    """Install GMT inside the step of ``optimizer`` (as returned by ``accelerator.prepare``)."""
+) -> HookAdapter:
+    """Install GMT inside the step of ``optimizer`` (as returned by ``accelerator.prepare`` or
+    ``deepspeed.initialize``) for the trainable parameters of ``model``."""
     inner = unwrap_optimizer(optimizer)
-    module = type(inner).__module__
-    if module.startswith("deepspeed"):
-        raise UnsupportedOptimizerError(
-            f"GMT does not support DeepSpeed's {type(inner).__name__} yet; run without --deepspeed"
-        )
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise UnsupportedOptimizerError(f"GMT cannot mask inside {type(inner).__name__}")
-    return TorchOptimizerAdapter(inner, model, options, current_step)
+    params, tensors = tensor_table(model)
+    tensor_id = {id(p): i for i, p in enumerate(params)}
+    kind = type(inner).__name__
+    reduce = None
+    one_call_per_step = True
+    if type(inner).__module__.startswith("deepspeed"):
+        refuse_unmappable(inner)
+        if kind == "DeepSpeedZeroOptimizer":  # ZeRO-1 and ZeRO-2, offload or not
+            partitions = hp_mapping_partitions(inner.single_partition_of_fp32_groups, inner.bit16_groups, tensor_id)
+            steppers, one_call_per_step = [inner.optimizer], False
+        elif kind == "DeepSpeedZeroOptimizer_Stage3":
+            partitions = zero3_partitions(inner, tensor_id, rank_of(inner.dp_process_group))
+            steppers, one_call_per_step = [inner.optimizer], False
+            if getattr(inner, "backup_optimizer", None) is not None:  # partial offload
+                steppers.append(inner.backup_optimizer)
+        elif kind == "BF16_Optimizer":
+            partitions = hp_mapping_partitions(inner.fp32_groups_flat_partition, inner.bf16_groups, tensor_id)
+            steppers = [inner.optimizer]
+        else:
+            raise UnsupportedOptimizerError(f"GMT cannot mask inside DeepSpeed's {kind}")
+        reduce = AllReduce(inner.dp_process_group)
+    elif isinstance(inner, torch.optim.Optimizer):
+        partitions, steppers = torch_partitions(inner, tensor_id), [inner]
+    else:
+        raise UnsupportedOptimizerError(f"GMT cannot mask inside {kind}")
+
+    engine = MaskEngine(options, tensors, reduce)
+    if options.granularity == "global" and not one_call_per_step:
+        stepped_apart = [p for p in partitions.values() if engine.units_of(p.tensors)]
+        if len(stepped_apart) > 1:
+            raise UnsupportedOptimizerError(
+                f"gmt_granularity=global is not supported under {kind} with {len(stepped_apart)} parameter "
+                "(sub-)groups stepped one at a time; use gmt_granularity=tensor"
+            )
+    return HookAdapter(steppers, partitions, engine, current_step)
