@@ -42,3 +42,23 @@ def rank_of(group=None) -> int:
     import torch.distributed as dist
 
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def ensure_deepspeed_comm(training_args) -> None:
+    """Let DeepSpeed's comm layer adopt the process group before a ZeRO-3 model is built.
+
+    transformers builds a ZeRO-3 model inside ``deepspeed.zero.Init``, which reads the world size
+    from ``deepspeed.comm``. accelerate initialises that layer on GPUs, but on the CPU
+    (``use_cpu=True``, gloo) it only initialises ``torch.distributed``, and ZeRO-3 then sees one
+    process. ``deepspeed.init_distributed`` adopts the existing group; it starts nothing new.
+    """
+    import torch.distributed as dist
+
+    _ = training_args.device  # sets up the process group, as the Trainer would
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())

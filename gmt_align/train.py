@@ -106,7 +106,11 @@ def train(method: str, script_args, training_args, model_args):
     from packaging.version import Version
     from trl import get_peft_config
 
+    from .distributed import ensure_deepspeed_comm
     from .trainers import GMTDPOTrainer, GMTSFTTrainer
+
+    if training_args.deepspeed:
+        ensure_deepspeed_comm(training_args)
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,

@@ -15,7 +15,14 @@ from ..distributed import AllReduce, rank_of
 from ..engine import MaskEngine, MaskOptions
 from .hooks import HookAdapter, Partition, Piece, tensor_table
 from .torch_optimizer import torch_partitions
-from .zero import UnsupportedOptimizerError, hp_mapping_partitions, refuse_unmappable, zero3_partitions
+from .zero import (
+    UnsupportedOptimizerError,
+    hp_mapping_partitions,
+    refuse_unmappable,
+    zero3_partitions,
+    zero3_republish,
+    zero12_republish,
+)
 
 __all__ = ["HookAdapter", "Partition", "Piece", "UnsupportedOptimizerError", "attach", "unwrap_optimizer"]
 
@@ -38,16 +45,15 @@ def attach(
     params, tensors = tensor_table(model)
     tensor_id = {id(p): i for i, p in enumerate(params)}
     kind = type(inner).__name__
-    reduce = None
-    one_call_per_step = True
+    reduce = republish = None
     if type(inner).__module__.startswith("deepspeed"):
         refuse_unmappable(inner)
         if kind == "DeepSpeedZeroOptimizer":  # ZeRO-1 and ZeRO-2, offload or not
             partitions = hp_mapping_partitions(inner.single_partition_of_fp32_groups, inner.bit16_groups, tensor_id)
-            steppers, one_call_per_step = [inner.optimizer], False
+            steppers, republish = [inner.optimizer], zero12_republish(inner, rank_of(inner.dp_process_group))
         elif kind == "DeepSpeedZeroOptimizer_Stage3":
             partitions = zero3_partitions(inner, tensor_id, rank_of(inner.dp_process_group))
-            steppers, one_call_per_step = [inner.optimizer], False
+            steppers, republish = [inner.optimizer], zero3_republish(inner)
             if getattr(inner, "backup_optimizer", None) is not None:  # partial offload
                 steppers.append(inner.backup_optimizer)
         elif kind == "BF16_Optimizer":
@@ -62,11 +68,4 @@ def attach(
         raise UnsupportedOptimizerError(f"GMT cannot mask inside {kind}")
 
     engine = MaskEngine(options, tensors, reduce)
-    if options.granularity == "global" and not one_call_per_step:
-        stepped_apart = [p for p in partitions.values() if engine.units_of(p.tensors)]
-        if len(stepped_apart) > 1:
-            raise UnsupportedOptimizerError(
-                f"gmt_granularity=global is not supported under {kind} with {len(stepped_apart)} parameter "
-                "(sub-)groups stepped one at a time; use gmt_granularity=tensor"
-            )
-    return HookAdapter(steppers, partitions, engine, current_step)
+    return HookAdapter(steppers, partitions, engine, current_step, republish)

@@ -64,12 +64,30 @@ def tensor_table(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list
     return params, infos
 
 
+@dataclass
+class _Held:
+    """A partition whose inner step was held back until the global threshold is known."""
+
+    optimizer: torch.optim.Optimizer
+    groups: list[tuple[dict, list]]  # the param groups (and their params) as DeepSpeed set them
+    flats: list[torch.Tensor]
+    grads: list[torch.Tensor]
+
+
 class HookAdapter:
     """Runs the engine inside the step of ``optimizers`` for the tensors listed in ``partitions``.
 
     ``partitions`` maps ``id(stepped tensor)`` to its :class:`Partition`. A step call may cover one
     partition (ZeRO steps one group or sub-group at a time) or all (a plain optimizer): the units
     selected in a call are those of the groups of the partitions it steps.
+
+    A global threshold needs every partition's gradient, but ZeRO builds, clips and steps them one
+    at a time. With ``republish`` given (how DeepSpeed copies a partition's fp32 weights back to
+    the model's weights), the adapter holds back the inner step of every partition but the last
+    (the step runs on an emptied param list: a no-op), keeps their clipped gradients alive, and at
+    the last one selects over all of them, replays the held steps exactly as DeepSpeed set them up,
+    and republishes their weights before DeepSpeed all-gathers. Memory: the held fp32 gradients
+    (this rank's share of the whole gradient) until the last partition steps.
     """
 
     def __init__(
@@ -78,10 +96,19 @@ class HookAdapter:
         partitions: dict[int, Partition],
         engine: MaskEngine,
         current_step: Callable[[], int],
+        republish: Callable[[torch.Tensor], None] | None = None,
     ):
         self.partitions = partitions
         self.engine = engine
         self.current_step = current_step
+        self.republish = republish
+        with_units = {key for key, part in partitions.items() if engine.units_of(part.tensors)}
+        self._global_split = engine.options.granularity == "global" and len(with_units) > 1
+        self._with_units = with_units
+        self._to_come: set[int] = set()
+        self._held: list[_Held] = []
+        self._held_now: list[tuple[dict, list]] = []
+        self._replaying = False
         self._fragments: list[Fragment] = []
         self._handles = []
         for optimizer in optimizers:
@@ -94,26 +121,82 @@ class HookAdapter:
             if id(p) in self.partitions and p.grad is not None
         ]
 
-    def fragments(self, stepped: Sequence[torch.Tensor]) -> list[Fragment]:
+    def fragments(self, stepped: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None) -> list[Fragment]:
         fragments = []
-        for flat in stepped:
-            grad, weight = flat.grad.view(-1), flat.data.view(-1)
+        for index, flat in enumerate(stepped):
+            grad = (grads[index] if grads is not None else flat.grad).view(-1)
+            weight = flat.data.view(-1)
             for piece in self.partitions[id(flat)].pieces:
                 end = piece.start + piece.numel
                 fragments.append(Fragment(piece.tensor_id, piece.offset, grad[piece.start : end], weight[piece.start : end]))
         return fragments
 
     def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._replaying:
+            return
         stepped = self._stepped(optimizer)
         if not stepped:
             return
-        tensors = [t for flat in stepped for t in self.partitions[id(flat)].tensors]
+        if self._global_split:
+            if not self._to_come:
+                self._to_come = set(self._with_units)
+            self._to_come -= {id(p) for p in stepped}
+            if self._to_come:
+                self._hold(optimizer, stepped)
+                return
+        flats = stepped + [flat for held in self._held for flat in held.flats]
+        tensors = [t for flat in flats for t in self.partitions[id(flat)].tensors]
         fragments = self.fragments(stepped)
-        self.engine.select(fragments, self.current_step(), self.engine.units_of(tensors))
-        self.engine.mask(fragments)
+        held_fragments = [self.fragments(held.flats, held.grads) for held in self._held]
+        everything = fragments + [f for group in held_fragments for f in group]
+        self.engine.select(everything, self.current_step(), self.engine.units_of(tensors))
+        self.engine.mask(everything)
+        self._replay_held(held_fragments)
         self._fragments = fragments
 
+    def _hold(self, optimizer, stepped) -> None:
+        if self.republish is None:
+            raise RuntimeError("a global threshold over partitions stepped apart needs a republish function")
+        held_ids = {id(p) for p in stepped}
+        groups = [(group, list(group["params"])) for group in optimizer.param_groups]
+        self._held.append(_Held(optimizer, groups, stepped, [p.grad for p in stepped]))
+        self._held_now = groups
+        for group in optimizer.param_groups:  # the inner step now finds nothing to update
+            group["params"] = [p for p in group["params"] if id(p) not in held_ids]
+
+    def _replay_held(self, held_fragments: list[list[Fragment]]) -> None:
+        self._replaying = True
+        try:
+            for held, fragments in zip(self._held, held_fragments):
+                optimizer = held.optimizer
+                now = (optimizer.param_groups, [(g, g["params"]) for g in optimizer.param_groups])
+                previous_grads = [flat.grad for flat in held.flats]
+                optimizer.param_groups = [group for group, _ in held.groups]
+                for group, params in held.groups:
+                    group["params"] = params
+                for flat, grad in zip(held.flats, held.grads):
+                    flat.grad = grad
+                optimizer.step()
+                self.engine.restore(fragments)
+                for flat, grad in zip(held.flats, previous_grads):
+                    flat.grad = grad
+                optimizer.param_groups = now[0]
+                for group, params in now[1]:
+                    group["params"] = params
+                for flat in held.flats:
+                    self.republish(flat)
+        finally:
+            self._replaying = False
+            self._held = []
+
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._replaying:
+            return
+        if self._held_now:  # put back what _hold emptied, so DeepSpeed's bookkeeping sees no change
+            for group, params in self._held_now:
+                group["params"] = params
+            self._held_now = []
+            return
         self.engine.restore(self._fragments)
         self._fragments = []
 

@@ -22,6 +22,8 @@ from .hooks import Partition, Piece
 
 __all__ = [
     "CONTRACT",
+    "zero12_republish",
+    "zero3_republish",
     "UnsupportedOptimizerError",
     "hp_mapping_partitions",
     "refuse_unmappable",
@@ -32,9 +34,10 @@ CONTRACT = {
     # optimizer class -> private attributes this module reads (tests/test_zero.py checks them on real
     # instances, so a DeepSpeed upgrade that renames one fails loudly instead of masking wrongly).
     "DeepSpeedZeroOptimizer": ("optimizer", "dp_process_group", "single_partition_of_fp32_groups", "bit16_groups",
-                               "round_robin_gradients"),
+                               "round_robin_gradients", "parallel_partitioned_bit16_groups"),
     "DeepSpeedZeroOptimizer_Stage3": ("optimizer", "dp_process_group", "fp32_partitioned_groups_flat", "fp16_groups",
-                                      "grad_position", "get_param_id", "swap_optimizer"),
+                                      "grad_position", "get_param_id", "swap_optimizer",
+                                      "_reassign_or_swap_out_partitioned_parameters"),
     "BF16_Optimizer": ("optimizer", "dp_process_group", "fp32_groups_flat_partition", "bf16_groups"),
     "_hp_mapping": ("hp_fragment_address", "lp_fragment_address"),
 }
@@ -95,3 +98,26 @@ def zero3_partitions(zero_optimizer, tensor_id: dict[int, int], rank: int) -> di
                 pieces.append(Piece(tid, rank * partition_numel, start, real))
         partitions[id(flat)] = Partition(tuple(tensors), tuple(pieces))
     return partitions
+
+
+def zero12_republish(zero_optimizer, partition_id: int):
+    """Copy a group's fp32 partition into its bit16 partition, as ZeRO-1/2's step does after each
+    group (DeepSpeed all-gathers the bit16 partitions once all groups have stepped)."""
+    group_of = {id(flat): i for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups)}
+
+    def republish(flat: torch.Tensor) -> None:
+        bit16 = zero_optimizer.parallel_partitioned_bit16_groups[group_of[id(flat)]][partition_id]
+        bit16.data.copy_(flat.data)
+
+    return republish
+
+
+def zero3_republish(zero_optimizer):
+    """Copy a sub-group's fp32 partition into the model's partitioned parameters, as ZeRO-3's step
+    does after each sub-group."""
+    sub_group_of = {id(flat): i for i, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat)}
+
+    def republish(flat: torch.Tensor) -> None:
+        zero_optimizer._reassign_or_swap_out_partitioned_parameters(sub_group_of[id(flat)])
+
+    return republish

@@ -95,6 +95,10 @@ def run_case(case, rank, world):
             before = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
         engine.step()
     after = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
+    # The model's own (bit16 or fp32) weights must carry the fp32 master weights after the step.
+    with deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None):
+        published = {n: bool(torch.equal(params[n].detach().flatten(), after[n].flatten().to(params[n].dtype)))
+                     for n in names}
     if case.get("dtype") == "fp16":  # the overflow step: nothing masked, nothing moved, on every rank
         counts = [None] * world
         dist.all_gather_object(counts, len(adapter.engine.recorded))
@@ -159,6 +163,7 @@ def run_case(case, rank, world):
             "numel": g.numel(),
             "unchanged_equals_masked": bool(torch.equal(unchanged, ~expected)),
             "masked_unchanged": bool(unchanged[~expected].all()),
+            "model_weights_published": published[n],
         }
     adapter.detach()
     return result

@@ -1,0 +1,58 @@
+"""Run the quickstart recipes as users do (1 process, or 2 ranks under DeepSpeed) and read the results."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from gmt_align.selection import keep_count
+from multirank.launch import ROOT, run_ranks
+
+
+def run_recipe(method, output_dir, *overrides, deepspeed=None, ranks=1):
+    """``gmt-align METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
+    argv = [
+        "-m", "gmt_align.cli", method, "--config", f"recipes/quickstart/{method}.yaml",
+        "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--disable_tqdm", "false", *overrides,
+    ]
+    if deepspeed:
+        argv += ["--deepspeed", f"ds_configs/{deepspeed}.json", "--use_cpu", "true"]
+    if ranks > 1:
+        results = run_ranks(argv, world=ranks)
+        for rank, result in enumerate(results):
+            assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+        return results[0].stdout
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def saved_weights(directory):
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def unchanged_masks(base, tuned):
+    return {name: tuned[name] == before for name, before in base.items()}
+
+
+def assert_unchanged_fraction_is_the_ratio(base, tuned, ratio):
+    """In update mode, after one step each tensor keeps exactly floor(ratio*n) entries unchanged,
+    up to a handful: ties at the threshold (all kept) and kept entries whose update rounds away."""
+    exact = 0
+    for name, unchanged in unchanged_masks(base, tuned).items():
+        count, masked = int(unchanged.sum()), unchanged.numel() - keep_count(unchanged.numel(), ratio)
+        assert abs(count - masked) <= max(2, unchanged.numel() // 100_000), (name, count, masked)
+        exact += count == masked
+    assert exact >= 0.9 * len(base), f"{exact} of {len(base)} tensors exact"
+
+
+def mask_agreement(a, b):
+    """Overall and worst per-tensor fraction of entries on which two runs agree about 'unchanged'."""
+    same = {name: (a[name] == b[name]) for name in a}
+    overall = sum(int(s.sum()) for s in same.values()) / sum(s.numel() for s in same.values())
+    return overall, min(float(s.float().mean()) for s in same.values())
+
