@@ -38,7 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as error:
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
-    train(command, *parsed)
+    from .adapters import UnsupportedOptimizerError
+
+    try:
+        train(command, *parsed)
+    except UnsupportedOptimizerError as error:  # raised as training starts, before any step
+        print(f"gmt-align {command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -56,6 +56,7 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     except ValueError as error:
         raise RecipeError(_one_line(str(error))) from None
     _check_sources(script_args, model_args)
+    _check_deepspeed(training_args.deepspeed)
     return script_args, training_args, model_args
 
 
@@ -86,6 +87,34 @@ def _check_sources(script_args, model_args) -> None:
         raise RecipeError("model_name_or_path is required")
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise RecipeError(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
+
+
+# DeepSpeed settings whose partition layout GMT cannot map; the adapters refuse them again at
+# start-up (gmt_align/adapters/zero.py), this only says so before a model is loaded.
+UNMAPPABLE_ZERO = {
+    "round_robin_gradients": "GMT cannot map ZeRO partitions with round_robin_gradients=true; set it false",
+    "zenflow": "GMT does not support ZenFlow (zero_optimization.zenflow); remove it",
+}
+
+
+def _check_deepspeed(config) -> None:
+    if not config:
+        return
+    if isinstance(config, str):
+        import json
+
+        try:
+            config = json.loads(Path(config).read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"deepspeed: no such file {config}") from None
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"deepspeed: {config} is not valid JSON ({error})") from None
+    zero = config.get("zero_optimization") or {}
+    for key, message in UNMAPPABLE_ZERO.items():
+        if zero.get(key):
+            raise RecipeError(message)
+    if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
+        raise RecipeError("GMT does not support optimizer offload to NVMe; use offload_optimizer.device=cpu")
 
 
 def load_train_dataset(script_args):

@@ -1,5 +1,6 @@
 """Bad input: exit status 2 and one line naming the key, before any model is loaded."""
 
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,29 @@ def test_missing_files_are_named(capsys, recipe, tmp_path):
     assert status == 2 and "dataset_name" in lines[0] and len(lines) == 1
     status, lines = run_main(capsys, "sft", "--config", recipe(model_name_or_path="./no-model-dir"))
     assert status == 2 and "model_name_or_path" in lines[0] and len(lines) == 1
+
+
+@pytest.mark.parametrize("zero,needle", [
+    ({"stage": 2, "round_robin_gradients": True}, "round_robin_gradients"),
+    ({"stage": 3, "zenflow": {"topk_ratio": 0.1}}, "ZenFlow"),
+    ({"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, "NVMe"),
+])
+def test_unmappable_deepspeed_settings_are_refused_before_loading(capsys, recipe, tmp_path, zero, needle):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": zero}))
+    status, lines = run_main(capsys, "sft", "--config", recipe(), "--deepspeed", str(config))
+    assert status == 2 and len(lines) == 1 and needle in lines[0], lines
+
+
+def test_missing_deepspeed_config_is_named(capsys, recipe, tmp_path):
+    status, lines = run_main(capsys, "sft", "--config", recipe(), "--deepspeed", str(tmp_path / "nope.json"))
+    assert status == 2 and len(lines) == 1 and "nope.json" in lines[0], lines
+
+
+def test_shipped_deepspeed_configs_pass_the_check(recipe):
+    for config in sorted((ROOT / "ds_configs").glob("*.json")):
+        _, args, _ = parse_recipe("sft", ["--config", recipe(), "--deepspeed", str(config), "--use_cpu", "true"])
+        assert args.deepspeed == str(config)
 
 
 def test_unknown_command(capsys):

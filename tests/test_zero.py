@@ -77,6 +77,7 @@ def result_of(results, case):
 def test_mask_equals_the_single_process_mask(results, case):
     result = result_of(results, case)
     assert result["contract_missing"] == []
+    assert result["straddling"] >= 1 and result["not_on_every_rank"] >= 1  # the layout is really tested
     for name, t in result["tensors"].items():
         assert t["threshold_equal"], name
         assert t["all_entries_covered"], name  # each entry masked or kept by exactly one rank

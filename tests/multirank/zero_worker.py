@@ -124,10 +124,16 @@ def run_case(case, rank, world):
             assert (target == -1).all(), "two ranks masked the same entry"
             target.copy_(torch.tensor(kept, dtype=torch.int8))
 
+    held = [sorted({piece.tensor_id for part in adapter.partitions.values() for piece in part.pieces})]
+    held_by_rank = [None] * world
+    dist.all_gather_object(held_by_rank, held[0])
+    on_every_rank = set.intersection(*map(set, held_by_rank))
+
     # The single-process reference, by sorting.
     result = {"case": case, "tensors": {}, "comm_calls": adapter.engine.reduce.calls,
               "comm_bytes": adapter.engine.reduce.bytes, "units": len(adapter.engine.keep),
-              "partitions": sum(1 for p in adapter.partitions.values() if adapter.engine.units_of(p.tensors))}
+              "partitions": sum(1 for p in adapter.partitions.values() if adapter.engine.units_of(p.tensors)),
+              "straddling": len(on_every_rank), "not_on_every_rank": len(names) - len(on_every_rank)}
     result["kind"] = type(zopt).__name__
     result["inner"] = type(zopt.optimizer).__name__
     mappings = [p._hp_mapping for p in engine.module.parameters() if getattr(p, "_hp_mapping", None) is not None]

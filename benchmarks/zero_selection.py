@@ -1,0 +1,130 @@
+"""Time GMT's distributed selection against the ZeRO step it lives in, on 2 CPU ranks (gloo).
+
+    .venv/bin/python benchmarks/zero_selection.py [--stages 2 3] [--steps 5] [--ratio 0.2]
+
+Starts 2 ranks of itself on 127.0.0.1 (DS_ACCELERATOR=cpu). Model: SmolLM2-135M's architecture
+(random weights, fp32), client AdamW, micro-batch 1 x 32 tokens. For each stage it runs `steps`
+measured optimizer steps (after one warm-up) with GMT (tensor granularity, gradient mode) and
+without, and prints medians: the whole ZeRO step (engine.step), GMT's selection (select_thresholds,
+4 radix rounds), the all-reduce time inside it, and the masking pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+
+def timed(store: list, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        store.append(time.perf_counter() - start)
+        return out
+
+    return wrapper
+
+
+def run_rank(args) -> dict:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gmt_align.adapters import attach
+    from gmt_align.engine import MaskOptions
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    rows = {}
+    for stage in args.stages:
+        for gmt in (False, True):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+            groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 0.01},
+                      {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+            optimizer = torch.optim.AdamW(groups, lr=1e-5)
+            ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                         "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+                         "zero_allow_untested_optimizer": True}
+            engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            times = {"step": [], "select": [], "allreduce": [], "mask": []}
+            adapter = None
+            if gmt:
+                adapter = attach(zopt, engine.module, MaskOptions(mask_ratio=args.ratio), lambda: 0)
+                eng = adapter.engine
+                eng.select = timed(times["select"], eng.select)
+                eng.mask = timed(times["mask"], eng.mask)
+                reduce = eng.reduce
+                eng.reduce = timed(times["allreduce"], reduce)
+            gen = torch.Generator().manual_seed(dist.get_rank())
+            for step in range(args.steps + 1):
+                ids = torch.randint(0, 49152, (1, 32), generator=gen)
+                loss = engine(input_ids=ids, labels=ids).loss
+                engine.backward(loss)
+                start = time.perf_counter()
+                engine.step()
+                elapsed = time.perf_counter() - start
+                if step == 0:  # warm-up
+                    for values in times.values():
+                        values.clear()
+                    continue
+                times["step"].append(elapsed)
+            per_step = {k: (sum(v) / args.steps if k != "step" else statistics.median(v)) for k, v in times.items()}
+            per_step["allreduce_calls"] = (reduce.calls if gmt else 0) // (args.steps + 1)
+            rows[f"zero{stage}-{'gmt' if gmt else 'vanilla'}"] = per_step
+            if adapter is not None:
+                adapter.detach()
+            del engine, zopt
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if "RANK" in os.environ:
+        rows = run_rank(args)
+        if os.environ["RANK"] == "0":
+            Path(args.out).write_text(json.dumps(rows))
+        return
+
+    import tempfile
+
+    from multirank.launch import run_ranks
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rows.json"
+        argv = [__file__, "--stages", *map(str, args.stages), "--steps", str(args.steps),
+                "--ratio", str(args.ratio), "--out", str(out)]
+        for rank in run_ranks(argv, world=2, timeout=3000):
+            if rank.returncode != 0:
+                sys.exit(rank.stdout[-4000:])
+        rows = json.loads(out.read_text())
+    print(f"2 ranks, gloo, CPU; SmolLM2-135M shapes (134.5M params), ratio {args.ratio}, {args.steps} steps")
+    print(f"{'run':<16}{'ZeRO step s':>12}{'select s':>10}{'all-reduce s':>14}{'calls':>7}{'mask s':>9}")
+    for name, r in rows.items():
+        print(f"{name:<16}{r['step']:>12.3f}{r['select']:>10.3f}{r['allreduce']:>14.4f}"
+              f"{r['allreduce_calls']:>7}{r['mask']:>9.3f}")
+    for stage in args.stages:
+        gmt, vanilla = rows[f"zero{stage}-gmt"], rows[f"zero{stage}-vanilla"]
+        print(f"zero{stage}: gmt_step/vanilla_step={gmt['step'] / vanilla['step']:.2f} "
+              f"selection_share={(gmt['select'] + gmt['mask']) / gmt['step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
