@@ -106,6 +106,7 @@ class HookAdapter:
         self._global_split = engine.options.granularity == "global" and len(with_units) > 1
         self._with_units = with_units
         self._to_come: set[int] = set()
+        self._held_step = -1
         self._held: list[_Held] = []
         self._held_now: list[tuple[dict, list]] = []
         self._replaying = False
@@ -135,21 +136,24 @@ class HookAdapter:
         if self._replaying:
             return
         stepped = self._stepped(optimizer)
-        if not stepped:
-            return
-        if self._global_split:
+        if self._global_split and any(id(p) in self._with_units for p in stepped):
+            step = self.current_step()
             if not self._to_come:
-                self._to_come = set(self._with_units)
+                self._to_come, self._held_step = set(self._with_units), step
+            elif step != self._held_step:
+                raise RuntimeError(f"GMT held partitions of step {self._held_step} that never completed")
             self._to_come -= {id(p) for p in stepped}
             if self._to_come:
                 self._hold(optimizer, stepped)
                 return
         flats = stepped + [flat for held in self._held for flat in held.flats]
-        tensors = [t for flat in flats for t in self.partitions[id(flat)].tensors]
+        units = self.engine.units_of([t for flat in flats for t in self.partitions[id(flat)].tensors])
+        if not units:  # only excluded tensors here (the same on every rank): nothing to select
+            return
         fragments = self.fragments(stepped)
         held_fragments = [self.fragments(held.flats, held.grads) for held in self._held]
         everything = fragments + [f for group in held_fragments for f in group]
-        self.engine.select(everything, self.current_step(), self.engine.units_of(tensors))
+        self.engine.select(everything, self.current_step(), units)
         self.engine.mask(everything)
         self._replay_held(held_fragments)
         self._fragments = fragments

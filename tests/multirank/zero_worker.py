@@ -78,7 +78,7 @@ def run_case(case, rank, world):
     engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case))
     options = MaskOptions(
         mask_ratio=case["ratio"], granularity=case["granularity"], mode=case["mode"],
-        selection=case.get("selection", "magnitude"), seed=3,
+        selection=case.get("selection", "magnitude"), seed=3, exclude=tuple(case.get("exclude", ())),
     )
     adapter = attach(zopt, engine.module, options, lambda: 0)
     adapter.engine.record_masks = True
@@ -146,9 +146,14 @@ def run_case(case, rank, world):
             return torch.cat(list(random_chunks(options.seed, 0, names.index(n), 0, full_grads[n].numel())))
         return full_grads[n].flatten().abs()
 
-    flat_all = torch.cat([scores(n) for n in names])
+    maskable = [n for n in names if adapter.engine.unit_of[names.index(n)] >= 0]
+    flat_all = torch.cat([scores(n) for n in maskable])
     for n in names:
         g = scores(n)
+        if n not in maskable:  # excluded: never masked, fully updated
+            result["tensors"][n] = {"excluded": True, "untouched_by_gmt": bool((kept_dist[n] == -1).all()),
+                                    "all_moved": bool((after[n] != before[n]).all())}
+            continue
         if case["granularity"] == "global":
             pool, k = flat_all, keep_count(flat_all.numel(), case["ratio"])
         else:
