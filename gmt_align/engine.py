@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import CHUNK, Reduce, keep_count, random_chunks, select_thresholds
+from .selection import CHUNK, INF_BITS, Reduce, keep_count, random_chunks, select_thresholds
 
 __all__ = ["Fragment", "MaskEngine", "MaskOptions", "TensorInfo", "excluded"]
 
@@ -199,7 +199,7 @@ class MaskEngine:
             "gmt/kept_fraction": float(kept[maskable].sum()) / max(total, 1),
             "gmt/masked_fraction_target": float(self.options.mask_ratio),
         }
-        finite = self.thresholds[(self.thresholds >= 0) & (self.thresholds < 0x7F800000)]
+        finite = self.thresholds[(self.thresholds >= 0) & (self.thresholds < INF_BITS)]
         if finite.numel():
             values = finite.to(torch.int32).view(torch.float32)
             stats["gmt/threshold_min"] = float(values.min())
