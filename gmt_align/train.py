@@ -89,17 +89,12 @@ def _check_sources(script_args, model_args) -> None:
         raise RecipeError(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
 
 
-# DeepSpeed settings whose partition layout GMT cannot map; the adapters refuse them again at
-# start-up (gmt_align/adapters/zero.py), this only says so before a model is loaded.
-UNMAPPABLE_ZERO = {
-    "round_robin_gradients": "GMT cannot map ZeRO partitions with round_robin_gradients=true; set it false",
-    "zenflow": "GMT does not support ZenFlow (zero_optimization.zenflow); remove it",
-}
-
-
 def _check_deepspeed(config) -> None:
+    """Say before loading what the adapters would refuse at start-up (gmt_align/adapters/zero.py)."""
     if not config:
         return
+    from .adapters.zero import REFUSALS
+
     if isinstance(config, str):
         import json
 
@@ -110,11 +105,11 @@ def _check_deepspeed(config) -> None:
         except json.JSONDecodeError as error:
             raise RecipeError(f"deepspeed: {config} is not valid JSON ({error})") from None
     zero = config.get("zero_optimization") or {}
-    for key, message in UNMAPPABLE_ZERO.items():
+    for key in ("round_robin_gradients", "zenflow"):
         if zero.get(key):
-            raise RecipeError(message)
+            raise RecipeError(REFUSALS[key])
     if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
-        raise RecipeError("GMT does not support optimizer offload to NVMe; use offload_optimizer.device=cpu")
+        raise RecipeError(REFUSALS["nvme"])
 
 
 def load_train_dataset(script_args):

@@ -22,6 +22,7 @@ from .hooks import Partition, Piece
 
 __all__ = [
     "CONTRACT",
+    "REFUSALS",
     "zero12_republish",
     "zero3_republish",
     "UnsupportedOptimizerError",
@@ -47,16 +48,26 @@ class UnsupportedOptimizerError(RuntimeError):
     """GMT cannot place its mask inside this optimizer; training must not go on unmasked."""
 
 
+REFUSALS = {
+    # setting -> the one line said when it is on (also checked in the DeepSpeed JSON before loading)
+    "round_robin_gradients": "GMT cannot map ZeRO partitions with round_robin_gradients=true; set it false",
+    "zenflow": "GMT does not support ZenFlow (zero_optimization.zenflow); remove it",
+    "nvme": "GMT does not support optimizer offload to NVMe; use offload_optimizer.device=cpu",
+    "muon": "GMT does not support DeepSpeed's Muon optimizer",
+}
+
+
 def refuse_unmappable(zero_optimizer) -> None:
     """Refuse, with one line naming the option, settings whose partition layout we cannot map."""
-    if getattr(zero_optimizer, "round_robin_gradients", False):
-        raise UnsupportedOptimizerError("GMT cannot map ZeRO partitions with round_robin_gradients=true; set it false")
-    if getattr(zero_optimizer, "zenflow", False):
-        raise UnsupportedOptimizerError("GMT does not support ZenFlow (zero_optimization.zenflow); remove it")
-    if getattr(zero_optimizer, "swap_optimizer", False):
-        raise UnsupportedOptimizerError("GMT does not support optimizer offload to NVMe; use offload_optimizer.device=cpu")
-    if getattr(zero_optimizer, "use_muon", False) or getattr(zero_optimizer, "_uses_muon", False):
-        raise UnsupportedOptimizerError("GMT does not support DeepSpeed's Muon optimizer")
+    found = {
+        "round_robin_gradients": getattr(zero_optimizer, "round_robin_gradients", False),
+        "zenflow": getattr(zero_optimizer, "zenflow", False),
+        "nvme": getattr(zero_optimizer, "swap_optimizer", False),
+        "muon": getattr(zero_optimizer, "use_muon", False) or getattr(zero_optimizer, "_uses_muon", False),
+    }
+    for key, on in found.items():
+        if on:
+            raise UnsupportedOptimizerError(REFUSALS[key])
 
 
 def hp_mapping_partitions(
