@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import CHUNK, INF_BITS, Reduce, keep_count, random_chunks, select_thresholds
+from .selection import INF_BITS, Reduce, chunks_of, keep_count, random_chunks, select_thresholds
 
 __all__ = ["Fragment", "MaskEngine", "MaskOptions", "TensorInfo", "excluded"]
 
@@ -77,7 +77,7 @@ class MaskEngine:
 
     def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
         self.options = options
-        self.record_masks = False  # tests: keep (tensor_id, offset, kept) of the last mask() calls
+        self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every mask() call from then on
         self.recorded: list[tuple[int, int, torch.Tensor]] = []
         self.tensors = list(tensors)
         self.reduce = reduce
@@ -140,9 +140,7 @@ class MaskEngine:
                 self.options.seed, self.step, fragment.tensor_id, fragment.offset, fragment.grad.numel()
             )
         else:
-            flat = fragment.grad
-            for start in range(0, flat.numel(), CHUNK):
-                yield flat[start : start + CHUNK].float().abs()
+            yield from chunks_of(fragment.grad)
 
     # --- 2. masking -------------------------------------------------------------------------
     def mask(self, fragments: Sequence[Fragment]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "CHUNK",
     "INF_BITS",
     "NonFiniteGradientError",
+    "chunks_of",
     "keep_count",
     "select_thresholds",
 ]

@@ -1,7 +1,7 @@
 """Layouts of DeepSpeed's optimizers: which pieces of which tensors each flat fp32 partition holds.
 
 This is the only module that reads DeepSpeed's private attributes. Checked against deepspeed
-0.19.8; ``tests/test_zero_contract.py`` asserts that every attribute used here exists.
+0.19.8; ``tests/test_zero.py`` checks every attribute in ``CONTRACT`` on real instances.
 
 - ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and ``BF16_Optimizer``: every model parameter ``lp`` that
   overlaps this rank's flat partition of its group carries ``lp._hp_mapping``, whose
@@ -23,12 +23,12 @@ from .hooks import Partition, Piece
 __all__ = [
     "CONTRACT",
     "REFUSALS",
-    "zero12_republish",
-    "zero3_republish",
     "UnsupportedOptimizerError",
     "hp_mapping_partitions",
     "refuse_unmappable",
     "zero3_partitions",
+    "zero3_republish",
+    "zero12_republish",
 ]
 
 CONTRACT = {
