@@ -2,7 +2,8 @@
 
 Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 ``deepspeed --module gmt_align.cli ...``). A bad recipe or option exits with status 2 and one
-line on stderr, before any model is loaded.
+line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` checks a recipe
+without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.validate`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
+       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--deepspeed CONFIG.json] [--method sft|dpo]
 
 commands:
-  sft    supervised fine-tuning with Gradient-Mask Tuning
-  dpo    direct preference optimisation with Gradient-Mask Tuning
+  sft       supervised fine-tuning with Gradient-Mask Tuning
+  dpo       direct preference optimisation with Gradient-Mask Tuning
+  validate  check recipes and their DeepSpeed config without loading a model; list every problem
 
 Any recipe field can be given or overridden on the command line, e.g.
   gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
@@ -27,11 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "validate":
+        from .validate import main as validate
+
+        return validate(rest)
 
     from .train import METHODS, RecipeError, parse_recipe, train
 
     if command not in METHODS:
-        print(f"gmt-align: error: unknown command {command!r} (choose from {', '.join(METHODS)})", file=sys.stderr)
+        choices = ", ".join((*METHODS, "validate"))
+        print(f"gmt-align: error: unknown command {command!r} (choose from {choices})", file=sys.stderr)
         return 2
     try:
         parsed = parse_recipe(command, rest)

@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-__all__ = ["METHODS", "RecipeError", "make_parser", "parse_recipe", "train"]
+__all__ = [
+    "METHODS",
+    "GMTScriptArguments",
+    "RecipeError",
+    "deepspeed_refusals",
+    "load_deepspeed_config",
+    "make_parser",
+    "parse_recipe",
+    "source_problems",
+    "train",
+]
 
 METHODS = ("sft", "dpo")
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -39,8 +50,28 @@ def _config_class(method: str):
     return {"sft": GMTSFTConfig, "dpo": GMTDPOConfig}[method]
 
 
+@dataclass
+class GMTScriptArguments(ScriptArguments):
+    """TRL's ``ScriptArguments`` plus a mapping for instruction/response datasets.
+
+    Many datasets of the paper's setups (Magicoder-Evol-Instruct, MetaMathQA) hold two text columns
+    rather than TRL's formats; naming them turns each row into TRL's conversational
+    prompt/completion (one user turn, one assistant turn), so the chat template shapes the prompt
+    and the loss covers the completion only.
+    """
+
+    dataset_prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Text column that becomes the user turn of TRL's conversational prompt/completion "
+                  "(with dataset_completion_column); other columns are dropped."},
+    )
+    dataset_completion_column: str | None = field(
+        default=None, metadata={"help": "Text column that becomes the assistant turn (see dataset_prompt_column)."}
+    )
+
+
 def make_parser(method: str) -> TrlParser:
-    return _Parser((ScriptArguments, _config_class(method), ModelConfig), prog=f"gmt-align {method}")
+    return _Parser((GMTScriptArguments, _config_class(method), ModelConfig), prog=f"gmt-align {method}")
 
 
 def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
@@ -55,8 +86,12 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
         raise RecipeError(f"recipe is not valid YAML: {str(error).splitlines()[0]}") from None
     except ValueError as error:
         raise RecipeError(_one_line(str(error))) from None
-    _check_sources(script_args, model_args)
-    _check_deepspeed(training_args.deepspeed)
+    for problems in (
+        source_problems(script_args, training_args, model_args),
+        deepspeed_refusals(load_deepspeed_config(training_args.deepspeed)) if training_args.deepspeed else [],
+    ):
+        if problems:
+            raise RecipeError(problems[0])
     return script_args, training_args, model_args
 
 
@@ -74,42 +109,68 @@ def _one_line(message: str) -> str:
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix in DATA_FILE_FORMATS
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (*DATA_FILE_FORMATS, ".jinja", ".j2")
 
 
-def _check_sources(script_args, model_args) -> None:
-    if not script_args.dataset_name:
-        raise RecipeError("dataset_name is required (a hub dataset or a local .json/.jsonl/.parquet file)")
-    if _looks_local(script_args.dataset_name) and not Path(script_args.dataset_name).expanduser().exists():
-        raise RecipeError(f"dataset_name: no such file {script_args.dataset_name} (quickstart data: make quickstart)")
+def _missing(path: str) -> bool:
+    return _looks_local(path) and not Path(path).expanduser().exists()
+
+
+def source_problems(script_args, training_args, model_args) -> list[str]:
+    """Everything a recipe names that must exist before training: one line per problem.
+
+    A hub id is taken on trust (no network is needed to validate); a local path must exist.
+    """
+    problems = []
+    data = script_args.dataset_name
+    if not data:
+        problems.append("dataset_name is required (a hub dataset or a local .json/.jsonl/.parquet file)")
+    elif _missing(data):
+        problems.append(f"dataset_name: no such file {data} (quickstart data: make quickstart)")
+    if (script_args.dataset_prompt_column is None) != (script_args.dataset_completion_column is None):
+        problems.append("dataset_prompt_column and dataset_completion_column go together: set both or neither")
     name = model_args.model_name_or_path
     if not name:
-        raise RecipeError("model_name_or_path is required")
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise RecipeError(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
+        problems.append("model_name_or_path is required")
+    elif _missing(name):
+        problems.append(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
+    template = getattr(training_args, "chat_template_path", None)  # an SFT field
+    if template and _missing(template):
+        problems.append(f"chat_template_path: no such file {template}")
+    resume = training_args.resume_from_checkpoint  # a path; a YAML `true` means "the last one in output_dir"
+    if isinstance(resume, str) and resume and not Path(resume).expanduser().is_dir():
+        problems.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
+    return problems
 
 
-def _check_deepspeed(config) -> None:
-    """Say before loading what the adapters would refuse at start-up (gmt_align/adapters/zero.py)."""
-    if not config:
-        return
+def load_deepspeed_config(config: dict | str) -> dict:
+    """The DeepSpeed config as a dict, from a dict or a JSON file."""
+    if isinstance(config, dict):
+        return config
+    import json
+
+    try:
+        loaded = json.loads(Path(config).read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"deepspeed: no such file {config}") from None
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"deepspeed: {config} is not valid JSON ({error})") from None
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"deepspeed: {config} must hold a JSON object")
+    return loaded
+
+
+def deepspeed_refusals(config: dict) -> list[str]:
+    """What the adapters would refuse at start-up (gmt_align/adapters/zero.py), said before loading."""
     from .adapters.zero import REFUSALS
 
-    if isinstance(config, str):
-        import json
-
-        try:
-            config = json.loads(Path(config).read_text())
-        except FileNotFoundError:
-            raise RecipeError(f"deepspeed: no such file {config}") from None
-        except json.JSONDecodeError as error:
-            raise RecipeError(f"deepspeed: {config} is not valid JSON ({error})") from None
     zero = config.get("zero_optimization") or {}
-    for key in ("round_robin_gradients", "zenflow"):
-        if zero.get(key):
-            raise RecipeError(REFUSALS[key])
+    problems = [REFUSALS[key] for key in ("round_robin_gradients", "zenflow") if zero.get(key)]
     if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
-        raise RecipeError(REFUSALS["nvme"])
+        problems.append(REFUSALS["nvme"])
+    if str((config.get("optimizer") or {}).get("type", "")).lower() == "muon":
+        problems.append(REFUSALS["muon"])
+    return problems
 
 
 def load_train_dataset(script_args):
@@ -119,9 +180,20 @@ def load_train_dataset(script_args):
     source = script_args.dataset_name
     builder = DATA_FILE_FORMATS.get(Path(source).suffix)
     if builder is not None:
-        return load_dataset(builder, data_files=str(Path(source).expanduser()), split="train")
-    dataset = load_dataset(source, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-    return dataset[script_args.dataset_train_split]
+        dataset = load_dataset(builder, data_files=str(Path(source).expanduser()), split="train")
+    else:
+        dataset = load_dataset(source, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        dataset = dataset[script_args.dataset_train_split]
+    if script_args.dataset_prompt_column is None:
+        return dataset
+    prompt, completion = script_args.dataset_prompt_column, script_args.dataset_completion_column
+    return dataset.map(
+        lambda row: {
+            "prompt": [{"role": "user", "content": row[prompt]}],
+            "completion": [{"role": "assistant", "content": row[completion]}],
+        },
+        remove_columns=list(dataset.column_names or [prompt, completion]),
+    )
 
 
 def train(method: str, script_args, training_args, model_args):
