@@ -6,11 +6,11 @@ belongs to and its offset inside that tensor. On one process (or DDP) a fragment
 parameter; under ZeRO it is the slice of a parameter inside this rank's flat fp32 partition.
 The engine then:
 
-1. :meth:`MaskEngine.select` — finds each unit's threshold with :func:`select_thresholds`
-   (collective through ``reduce``, so every rank gets the single-process answer);
-2. :meth:`MaskEngine.mask` — zeroes the masked gradient entries in place (``gradient`` and
-   ``update`` modes) and, in ``update`` mode, keeps the masked weights aside;
-3. :meth:`MaskEngine.restore` — after the optimizer step (``update`` mode), writes the masked
+1. :meth:`MaskEngine.apply` — finds each unit's threshold and zeroes the masked gradient entries
+   in place (:func:`select_and_mask` for magnitude: about two reads and one write of the
+   gradient; :func:`select_thresholds` for random scores), collectively through ``reduce``, so
+   every rank gets the single-process answer; in ``update`` mode it keeps the weights aside;
+2. :meth:`MaskEngine.restore` — after the optimizer step (``update`` mode), writes the masked
    weights back bit for bit.
 
 Selection rule (identical on every rank):
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import INF_BITS, Reduce, chunks_of, keep_count, random_chunks, select_thresholds
+from .kernels import restore_masked
+from .selection import INF_BITS, Reduce, keep_count, random_chunks, select_and_mask, select_thresholds
 
 __all__ = ["Fragment", "MaskEngine", "MaskOptions", "TensorInfo", "excluded"]
 
@@ -62,9 +63,8 @@ class Fragment:
     offset: int
     grad: torch.Tensor
     weight: torch.Tensor
-    # Filled by MaskEngine.mask in update mode, consumed by restore.
-    _kept: list[torch.Tensor] = field(default_factory=list, repr=False)
-    _masked_weights: list[torch.Tensor] = field(default_factory=list, repr=False)
+    # update mode: the weights before the step, from MaskEngine.apply until restore.
+    _saved: torch.Tensor | None = field(default=None, repr=False)
 
 
 def excluded(names: Sequence[str], patterns: Sequence[str]) -> bool:
@@ -87,6 +87,7 @@ class MaskEngine:
             self.unit_names = ["global"]
             total = sum(t.numel for t, m in zip(self.tensors, self.maskable) if m)
             self.keep = [keep_count(total, options.mask_ratio)]
+            self.sizes = [total]
         else:
             ids = [i for i, m in enumerate(self.maskable) if m]
             self.unit_of = [-1] * len(self.tensors)
@@ -94,21 +95,23 @@ class MaskEngine:
                 self.unit_of[i] = unit
             self.unit_names = [self.tensors[i].names[0] for i in ids]
             self.keep = [keep_count(self.tensors[i].numel, options.mask_ratio) for i in ids]
+            self.sizes = [self.tensors[i].numel for i in ids]
         self.thresholds = torch.full((len(self.keep),), -1, dtype=torch.int64)
         self.step = -1
         self.kept_counts = torch.zeros(len(self.tensors), dtype=torch.int64)
         self.steps_since_log = 0
 
-    # --- 1. selection -----------------------------------------------------------------------
+    # --- selection and masking -----------------------------------------------------------------
     def units_of(self, tensor_ids: Sequence[int]) -> list[int]:
         """The selection units that the given tensors belong to (excluded tensors have none)."""
         return sorted({self.unit_of[t] for t in tensor_ids if self.unit_of[t] >= 0})
 
-    def select(self, fragments: Sequence[Fragment], step: int, units: Sequence[int] | None = None) -> torch.Tensor:
-        """Compute the thresholds (bit patterns) of ``units`` (default: all) from the fragments.
+    def apply(self, fragments: Sequence[Fragment], step: int, units: Sequence[int] | None = None) -> torch.Tensor:
+        """Select each unit's threshold over ``fragments`` and mask their gradients in place.
 
-        Every process must pass the same ``units``, even one that holds no fragment of them: the
-        count matrices reduced across processes have one row per unit.
+        In ``update`` mode the weights of the fragments are kept aside for :meth:`restore`. Every
+        process must pass the same ``units`` (default: all), even one that holds no fragment of
+        them: the counts reduced across processes have one row per unit. Returns the thresholds.
         """
         units = list(range(len(self.keep))) if units is None else list(units)
         if step != self.step:
@@ -120,63 +123,73 @@ class MaskEngine:
             row = row_of.get(self.unit_of[fragment.tensor_id])
             if row is not None:
                 by_row[row].append(fragment)
-
-        def score_chunks(row: int) -> Iterator[torch.Tensor]:
-            for fragment in by_row[row]:
-                yield from self._scores(fragment)
-
-        thresholds = select_thresholds(
-            len(units), score_chunks, [self.keep[u] for u in units], self.reduce,
-            names=[self.unit_names[u] for u in units],
-        )
+        if self.options.mode == "update":
+            for group in by_row:
+                for fragment in group:
+                    fragment._saved = fragment.weight.clone()
+        names = [self.unit_names[u] for u in units]
+        keep = [self.keep[u] for u in units]
         if self.options.selection == "magnitude":
-            thresholds = thresholds.clamp(min=1)  # exact zeros are never kept
+            thresholds, kept = select_and_mask(
+                len(units), lambda row: [f.grad for f in by_row[row]], keep,
+                [self.sizes[u] for u in units], self.reduce, names,
+            )
+            for group, counts in zip(by_row, kept):
+                for fragment, count in zip(group, counts):
+                    self.kept_counts[fragment.tensor_id] += count
+        else:
+            thresholds = select_thresholds(
+                len(units), lambda row: (c for f in by_row[row] for c in self._random_scores(f)), keep,
+                self.reduce, names,
+            )
+            for group, threshold in zip(by_row, thresholds.tolist()):
+                for fragment in group:
+                    self._mask_by_scores(fragment, threshold)
         self.thresholds[units] = thresholds
+        if self.record_masks:
+            for fragment in fragments:
+                if self.unit_of[fragment.tensor_id] >= 0:
+                    kept_now = self._kept(fragment)
+                    self.recorded.append((fragment.tensor_id, fragment.offset, kept_now.clone()))
         return thresholds
 
-    def _scores(self, fragment: Fragment) -> Iterator[torch.Tensor]:
-        if self.options.selection == "random":
-            yield from random_chunks(
-                self.options.seed, self.step, fragment.tensor_id, fragment.offset, fragment.grad.numel()
-            )
-        else:
-            yield from chunks_of(fragment.grad)
+    def _random_scores(self, fragment: Fragment) -> Iterator[torch.Tensor]:
+        yield from random_chunks(self.options.seed, self.step, fragment.tensor_id, fragment.offset, fragment.grad.numel())
 
-    # --- 2. masking -------------------------------------------------------------------------
-    def mask(self, fragments: Sequence[Fragment]) -> None:
-        """Zero the masked gradient entries in place; in update mode keep the masked weights."""
-        keep_weights = self.options.mode == "update"
-        for fragment in fragments:
-            unit = self.unit_of[fragment.tensor_id]
-            if unit < 0:
-                continue
-            threshold = int(self.thresholds[unit])
-            kept_total = 0
-            fragment._kept, fragment._masked_weights = [], []
-            start = 0
-            for scores in self._scores(fragment):
-                stop = start + scores.numel()
-                kept = scores.view(torch.int32) >= threshold
-                fragment.grad[start:stop].masked_fill_(~kept, 0)
-                kept_total += int(kept.sum())
-                if self.record_masks:
-                    self.recorded.append((fragment.tensor_id, fragment.offset + start, kept.clone()))
-                if keep_weights:
-                    fragment._kept.append(kept)
-                    fragment._masked_weights.append(fragment.weight[start:stop][~kept].clone())
-                start = stop
-            self.kept_counts[fragment.tensor_id] += kept_total
+    def _mask_by_scores(self, fragment: Fragment, threshold: int) -> None:
+        start, kept_total = 0, 0
+        for scores in self._random_scores(fragment):
+            stop = start + scores.numel()
+            kept = scores.view(torch.int32) >= threshold
+            fragment.grad[start:stop].masked_fill_(~kept.to(fragment.grad.device), 0)
+            kept_total += int(kept.sum())
+            start = stop
+        self.kept_counts[fragment.tensor_id] += kept_total
 
-    # --- 3. restore (update mode) -----------------------------------------------------------
+    def _kept(self, fragment: Fragment) -> torch.Tensor:
+        """The kept entries of a masked fragment (recomputed: the gradient itself says it)."""
+        threshold = int(self.thresholds[self.unit_of[fragment.tensor_id]])
+        if self.options.selection == "magnitude":  # kept: |g| >= T >= smallest positive; masked are 0
+            return fragment.grad.float().abs().view(torch.int32) >= threshold
+        return torch.cat([c.view(torch.int32) >= threshold for c in self._random_scores(fragment)]
+                         or [torch.zeros(0, dtype=torch.bool)])
+
+    # --- restore (update mode) -------------------------------------------------------------------
     def restore(self, fragments: Sequence[Fragment]) -> None:
-        """Write back the weights that :meth:`mask` kept aside, bit for bit."""
+        """After the optimizer step: write back the masked weights kept aside by :meth:`apply`, bit
+        for bit. The masked entries are found again from the gradient, which the optimizer reads
+        but does not change (magnitude: |g| < T; random: the same position-keyed scores)."""
         for fragment in fragments:
-            start = 0
-            for kept, saved in zip(fragment._kept, fragment._masked_weights):
-                stop = start + kept.numel()
-                fragment.weight[start:stop][~kept] = saved
-                start = stop
-            fragment._kept, fragment._masked_weights = [], []
+            saved = fragment._saved
+            if saved is None:
+                continue
+            if self.options.selection == "magnitude":
+                threshold = int(self.thresholds[self.unit_of[fragment.tensor_id]])
+                restore_masked(fragment.weight, saved, fragment.grad, threshold)
+            else:
+                masked = ~self._kept(fragment).to(fragment.weight.device)
+                fragment.weight[masked] = saved[masked]
+            fragment._saved = None
 
     # --- figures ----------------------------------------------------------------------------
     def pop_stats(self) -> dict[str, float]:

@@ -23,6 +23,7 @@ __all__ = [
     "NonFiniteGradientError",
     "chunks_of",
     "keep_count",
+    "select_and_mask",
     "select_thresholds",
 ]
 
@@ -167,3 +168,338 @@ def _mix(*values: int) -> int:
         state = (state ^ (state >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         state ^= state >> 31
     return state & 0x7FFFFFFFFFFFFFFF
+
+
+# --- magnitude selection fused with masking ---------------------------------------------------------
+# select_thresholds above reads every entry four times (one histogram per digit) with eager ops.
+# For magnitude selection the passes below read the gradient about twice and write it once:
+#   guess   a strided sample of each unit gives probe values near the k-th largest (no full read);
+#   count   one fused pass counts the entries >= each of a few probes: exact counts, all-reduced,
+#           bracket the threshold in [lo, hi) with few entries inside (repeated only if not);
+#   mask    one fused read-modify-write zeroes everything below lo and marks the 64-entry blocks
+#           holding an entry in [lo, hi) (the candidates);
+#   finish  a radix select over the candidates only (gathered from the marked blocks, a tiny
+#           fraction of the gradient) finds the exact threshold T in [lo, hi); the candidates
+#           below T are zeroed in their blocks.
+# Every decision is taken from all-reduced integer counts, so every rank takes the same one, and
+# the result is the exact threshold of select_thresholds (tests check both against a sort).
+
+SAMPLE = 8192
+"""Entries per unit (per process) in the strided sample that gives the first probes."""
+
+RUN, RUNS = 512, 2048
+"""The second guess counts ``RUNS`` evenly spaced runs of ``RUN`` contiguous entries of each piece
+(1 Mi entries: a cheap read, and runs cover many rows of a matrix)."""
+
+PROBES = 8
+
+
+def _max_candidates(numel: int) -> int:
+    """Candidates allowed in [lo, hi) before the masking pass (bounds the gathered blocks to ~3%)."""
+    return numel // 2048 + 4096
+
+
+def _prime_at_least(value: int) -> int:
+    value = max(2, value)
+    while any(value % d == 0 for d in range(2, int(value**0.5) + 1)):
+        value += 1
+    return value
+
+
+def _sample_bits(parts: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
+    """Bit patterns of about SAMPLE entries taken with a prime stride, sorted descending."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    stride = 1 if numel <= SAMPLE else _prime_at_least(numel // SAMPLE)
+    picked, start = [], 0  # position of the next sampled entry inside the unit's local entries
+    for part in parts:
+        if start < part.numel():
+            picked.append(part[start::stride].float().abs().view(torch.int32).to(torch.int64).cpu())
+        start = (start - part.numel()) % stride if part.numel() else start
+    return torch.cat(picked).sort(descending=True).values if picked else torch.zeros(0, dtype=torch.int64)
+
+
+def _runs(part: torch.Tensor) -> torch.Tensor | None:
+    """``RUNS`` evenly spaced runs of ``RUN`` entries of ``part`` as a 2-D view, or None if too small."""
+    gap = part.numel() // RUNS
+    if gap < 2 * RUN:
+        return None
+    return part[: gap * RUNS].view(RUNS, gap)[:, :RUN]
+
+
+def _spread(center: float, sigma: float, slope: float, lo: int, hi: int, quantum: int) -> list[int]:
+    """PROBES probe values in (lo, hi): two cutting the bracket in thirds (so it always shrinks at
+    least threefold), one at ``lo + quantum`` (ties: the threshold is lo itself), the rest around
+    ``center`` (bits), the best guess of the threshold."""
+    span = hi - lo
+    fixed = [lo + quantum, lo + span // 3, lo + 2 * span // 3]
+    around = [int(center + c * sigma * slope) for c in (-0.2, 0.2, -0.7, 0.7, -2.0, 2.0)]
+    chosen: list[int] = []
+    for p in around[:2] + fixed + around[2:]:
+        p = (p // quantum) * quantum
+        if lo < p < hi and p not in chosen and len(chosen) < PROBES:
+            chosen.append(p)
+    return sorted(chosen) + [INF_BITS] * (PROBES - len(chosen))
+
+
+class _Unit:
+    """The bracket [lo, hi) of one unit's threshold: C(lo) >= keep > C(hi), C(x) = entries >= x over
+    all processes; ``local_*`` are this process's counts per piece at lo and hi."""
+
+    def __init__(self, size: int, keep: int, pieces: int):
+        self.size, self.keep = size, keep
+        self.lo, self.hi = 0, INF_BITS
+        self.c_lo, self.c_hi = size, 0
+        self.local_lo, self.local_hi = [None] * pieces, [0] * pieces
+        self.probes: list[int] = []
+
+    @property
+    def inside(self) -> int:
+        return self.c_lo - self.c_hi
+
+    def narrow(self, counts: list[int], local: list[list[int]] | None, quantum: int,
+               scale: float = 1.0, sigma: float | None = None) -> None:
+        """Move the bracket to the probes around the keep-th entry; aim the next probes inside."""
+        for j, (value, count) in enumerate(zip(self.probes, counts)):
+            if value >= INF_BITS:
+                break
+            count = int(count * scale)
+            if count >= self.keep and value > self.lo:
+                self.lo, self.c_lo = value, count
+                self.local_lo = [row[j] for row in local] if local else self.local_lo
+            elif count < self.keep and value < self.hi:
+                self.hi, self.c_hi = value, count
+                self.local_hi = [row[j] for row in local] if local else self.local_hi
+        slope = (self.hi - self.lo) / max(self.inside, 1)
+        sigma = sigma if sigma is not None else max(2 * max(self.inside, 1) ** 0.5, self.inside / 16)
+        center = self.lo + (self.c_lo - self.keep + 0.5) * slope
+        self.probes = _spread(center, sigma, slope, self.lo, self.hi, quantum)
+
+
+def select_and_mask(
+    num_units: int,
+    pieces: Callable[[int], Sequence[torch.Tensor]],
+    keep: Sequence[int] | torch.Tensor,
+    sizes: Sequence[int],
+    reduce: Reduce | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Keep, in place, the ``keep[u]`` largest-|g| entries of each unit; zero the others.
+
+    ``pieces(u)`` returns the unit's contiguous 1-D gradient pieces held by this process (any
+    float dtype; the score is |g| widened to float32). ``sizes[u]`` is the unit's entry count over
+    all processes. The rule is :func:`select_thresholds`' with exact zeros never kept: T is the
+    ``keep[u]``-th largest |g| (at least the smallest positive float), kept = |g| >= T.
+
+    Returns the thresholds (int64 bit patterns; +inf bits for ``keep 0``) and, per unit and piece,
+    how many entries were kept. Collective through ``reduce`` like :func:`select_thresholds`;
+    it raises :class:`NonFiniteGradientError` on every process together.
+    """
+    from . import kernels
+
+    reduce = reduce or _identity
+    keep_t = [int(k) for k in torch.as_tensor(keep, dtype=torch.int64)]
+    parts = [[p for p in pieces(u)] for u in range(num_units)]
+    local = [sum(p.numel() for p in ps) for ps in parts]
+    dtypes = {p.dtype for ps in parts for p in ps}
+    quantum = 1 << 16 if dtypes == {torch.bfloat16} else 1 << 13 if dtypes == {torch.float16} else 1
+    units = {u: _Unit(int(sizes[u]), keep_t[u], len(parts[u])) for u in range(num_units) if keep_t[u] > 0}
+
+    # guess: probes from each process's sample, averaged with weights = entries held.
+    guesses = torch.zeros(num_units, PROBES + 1, dtype=torch.int64)
+    for u, unit in units.items():
+        sample = _sample_bits(parts[u], local[u])
+        if sample.numel():
+            n, k, s = unit.size, unit.keep, sample.numel()
+            sigma = (k / n * (1 - k / n) / s) ** 0.5 + 1 / s  # of a sample quantile, as a fraction
+            for j, c in enumerate((-3.0, -1.5, -0.6, -0.2, 0.2, 0.6, 1.5, 3.0)):
+                guesses[u, j] = int(sample[min(max(int((k / n + c * sigma) * s), 0), s - 1)]) * local[u]
+            guesses[u, PROBES] = local[u]
+    guesses = reduce(guesses)
+    for u, unit in units.items():
+        weight = max(int(guesses[u, PROBES]), 1)
+        values = {(min(max(int(guesses[u, j]) // weight, 1), INF_BITS - 1) // quantum) * quantum for j in range(PROBES)}
+        unit.probes = (sorted(values) + [INF_BITS] * PROBES)[:PROBES]
+
+    def count_round(chosen: list[int], subsample: bool, extra=None) -> tuple[torch.Tensor, dict[int, list[list[int]]]]:
+        """All-reduced counts ``[units, PROBES + 1 (+ extras)]`` (column PROBES: inf/NaN) and the
+        local counts per piece; ``extra(u)`` adds columns to the same all-reduce."""
+        table = torch.zeros(num_units, PROBES + 3, dtype=torch.int64)
+        local_counts: dict[int, list[list[int]]] = {}
+        for u in chosen:
+            probe = torch.tensor(units[u].probes + [INF_BITS], dtype=torch.int32)
+            rows = []
+            for part in parts[u]:
+                view = _runs(part) if subsample else part
+                counts = kernels.count_at_least(view, probe.to(part.device)) if view is not None and view.numel() \
+                    else torch.zeros(PROBES + 1, dtype=torch.int64)
+                table[u, : PROBES + 1] += counts
+                rows.append(counts.tolist())
+            local_counts[u] = rows
+            if extra is not None:
+                table[u, PROBES + 1 :] = torch.tensor(extra(u))
+        return reduce(table), local_counts
+
+    # count the runs of big pieces first: a better guess for one exact round.
+    big = [u for u, unit in units.items() if unit.size >= 8 * RUN * RUNS]
+    if big:
+        table, _ = count_round(big, subsample=True, extra=lambda u: [
+            sum(view.numel() for view in map(_runs, parts[u]) if view is not None), local[u]])
+        for u in big:
+            unit = units[u]
+            seen, held = int(table[u, PROBES + 1]), int(table[u, PROBES + 2])
+            if seen == 0:  # no process holds a piece big enough: keep the first guess
+                continue
+            scale = held / seen
+            sigma = 2 * (scale * unit.keep * (1 - unit.keep / unit.size)) ** 0.5 + 1
+            exact = unit.lo, unit.hi, unit.c_lo, unit.c_hi
+            unit.narrow(table[u, :PROBES].tolist(), None, quantum, scale, sigma)
+            unit.lo, unit.hi, unit.c_lo, unit.c_hi = exact  # estimates never bound the exact bracket
+    pending, first = list(units), True
+    for _ in range(40):
+        if not pending:
+            break
+        table, local_counts = count_round(pending, subsample=False)
+        if first:
+            _raise_on_non_finite(table[:, PROBES], names)
+            first = False
+        for u in pending:
+            units[u].narrow(table[u, :PROBES].tolist(), local_counts[u], quantum)
+        pending = [u for u in pending
+                   if units[u].inside > _max_candidates(units[u].size) and units[u].hi - units[u].lo > quantum]
+    else:
+        raise RuntimeError("GMT selection did not converge")
+
+    # mask: zero below lo; mark the blocks with candidates in [lo, hi).
+    thresholds = torch.full((num_units,), INF_BITS, dtype=torch.int64)
+    kept: list[list[int]] = [[0] * len(parts[u]) for u in range(num_units)]
+    marked: dict[int, list[torch.Tensor]] = {}
+    for u in range(num_units):
+        unit = units.get(u)
+        if unit is None:  # keep nothing
+            for part in parts[u]:
+                kernels.mask_and_flag(part, INF_BITS, INF_BITS)
+            continue
+        if unit.hi - unit.lo <= quantum:  # resolved: no entry strictly inside the bracket
+            thresholds[u] = max(unit.lo, 1)
+            # kept: entries >= lo, or (lo = 0) the non-zero ones, which are the entries >= hi
+            kept[u] = list(unit.local_lo if unit.lo > 0 else unit.local_hi)
+            for part in parts[u]:
+                kernels.mask_and_flag(part, int(thresholds[u]), int(thresholds[u]))
+            continue
+        kept[u] = list(unit.local_hi)
+        marked[u] = [kernels.mask_and_flag(part, unit.lo, unit.hi).nonzero().flatten() for part in parts[u]]
+
+    # finish: exact threshold among the candidates, then zero the candidates below it.
+    open_units = list(marked)
+    cand_bits, cand_unit = [], []
+    for u in open_units:
+        unit = units[u]
+        for part, blocks in zip(parts[u], marked[u]):
+            if blocks.numel():
+                bits = _block_bits(part, blocks)
+                inside = bits[(bits >= unit.lo) & (bits < unit.hi)]
+                cand_bits.append(inside - unit.lo)
+                cand_unit.append(torch.full_like(inside, u))
+    found = _radix_within(
+        open_units,
+        torch.cat(cand_bits) if cand_bits else torch.zeros(0, dtype=torch.int64),
+        torch.cat(cand_unit) if cand_unit else torch.zeros(0, dtype=torch.int64),
+        {u: units[u].hi - units[u].lo for u in open_units},
+        {u: units[u].keep - units[u].c_hi for u in open_units},
+        reduce,
+    )
+    for u in open_units:
+        unit = units[u]
+        threshold = max(unit.lo + found[u], 1)
+        thresholds[u] = threshold
+        for index, (part, blocks) in enumerate(zip(parts[u], marked[u])):
+            if blocks.numel():
+                kept[u][index] += _zero_below_in_blocks(part, blocks, threshold, unit.hi)
+    return thresholds, kept
+
+
+def _full_blocks(part: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split marked block indices into rows of the full-block view ``[blocks, BLOCK]`` and the short
+    last block (a view, or None when it is not marked or does not exist)."""
+    from .kernels import BLOCK
+
+    full = part.numel() // BLOCK
+    view = part[: full * BLOCK].view(full, BLOCK)
+    tail = part[full * BLOCK :] if bool((blocks >= full).any()) else None
+    return view, blocks[blocks < full], tail
+
+
+def _block_bits(part: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    view, rows, tail = _full_blocks(part, blocks)
+    values = [view[rows].reshape(-1)] + ([tail] if tail is not None else [])
+    return torch.cat(values).float().abs().view(torch.int32).to(torch.int64).cpu()
+
+
+def _zero_below_in_blocks(part: torch.Tensor, blocks: torch.Tensor, threshold: int, hi: int) -> int:
+    """Zero the entries of the marked blocks below ``threshold``; return how many kept ones lie below
+    ``hi`` (those at or above ``hi`` were counted by the masking pass)."""
+    view, rows, tail = _full_blocks(part, blocks)
+    kept = 0
+    if rows.numel():
+        values = view[rows]
+        bits = values.float().abs().view(torch.int32)
+        keep = bits >= threshold
+        view[rows] = torch.where(keep, values, torch.zeros_like(values))
+        kept += int((keep & (bits < hi)).sum())
+    if tail is not None:
+        bits = tail.float().abs().view(torch.int32)
+        keep = bits >= threshold
+        kept += int((keep & (bits < hi)).sum())
+        tail.masked_fill_(~keep, 0)
+    return kept
+
+
+def _radix_within(
+    units: list[int],
+    values: torch.Tensor,
+    owner: torch.Tensor,
+    span: dict[int, int],
+    need: dict[int, int],
+    reduce: Reduce,
+) -> dict[int, int]:
+    """Per unit, the largest ``d`` in ``[0, span)`` with at least ``need`` candidates ``>= d``.
+
+    ``values`` (int64, ``[0, span[owner])``) are this process's candidates, ``owner`` their units.
+    Radix rounds from the top of the span (12-bit digits for up to 16 units, else 8-bit: the
+    reduced matrices stay under 64 Ki counts); all units advance together, one all-reduce per
+    round over the units still going (the same on every process: spans are global).
+    """
+    digit_bits = 12 if len(units) <= 16 else 8
+    bins = 1 << digit_bits
+    width = {u: max(span[u] - 1, 1).bit_length() for u in units}
+    prefix = {u: 0 for u in units}
+    remaining = dict(need)
+    row_of_unit = torch.full((max(units, default=-1) + 2,), -1, dtype=torch.int64)
+    for round_index in range(max(width.values(), default=0) // digit_bits + 1):
+        going = [u for u in units if width[u] > digit_bits * round_index]
+        if not going:
+            break
+        high = torch.tensor([width[u] - digit_bits * round_index for u in going])
+        low = (high - digit_bits).clamp(min=0)
+        want = torch.tensor([prefix[u] for u in going])
+        row_of_unit.fill_(-1)
+        row_of_unit[torch.tensor(going)] = torch.arange(len(going))
+        row = row_of_unit[owner] if owner.numel() else owner
+        ok = row >= 0
+        row, v = row[ok], values[ok]
+        ok = (v >> high[row]) == want[row]
+        row, v = row[ok], v[ok]
+        digit = (v >> low[row]) & ((1 << (high - low)[row]) - 1)
+        counts = torch.bincount(row * bins + digit, minlength=len(going) * bins).view(len(going), bins)
+        counts = reduce(counts.clone())
+        at_or_above = counts.flip(1).cumsum(1).flip(1)
+        for i, u in enumerate(going):
+            reach = at_or_above[i] >= remaining[u]
+            chosen = int(reach.sum()) - 1
+            if chosen < 0:
+                raise ValueError(f"fewer candidates than needed for unit {u}")
+            above = int(at_or_above[i, chosen + 1]) if chosen < bins - 1 else 0
+            remaining[u] -= above
+            prefix[u] = (prefix[u] << int(high[i] - low[i])) | chosen
+    return prefix

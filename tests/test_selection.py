@@ -11,6 +11,7 @@ from gmt_align.selection import (
     chunks_of,
     keep_count,
     random_chunks,
+    select_and_mask,
     select_thresholds,
 )
 
@@ -164,3 +165,133 @@ def test_random_scores_depend_only_on_position():
     assert 0 <= float(whole.min()) and float(whole.max()) < 1
     for other in [(8, 3, 11), (7, 4, 11), (7, 3, 12)]:
         assert not torch.equal(whole[:1000], torch.cat(list(random_chunks(*other, 0, 1000))))
+
+
+# --- select_and_mask: magnitude selection fused with masking (compiled kernels and eager) ---------
+@pytest.fixture(params=["compiled", "eager"])
+def kernel_mode(request, monkeypatch):
+    monkeypatch.setenv("GMT_ALIGN_COMPILE", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
+def expected_mask(g: torch.Tensor, k: int) -> tuple[int, torch.Tensor]:
+    """Threshold bits (zeros never kept) and the masked gradient, by sorting."""
+    threshold = max(oracle_bits(g, k), 1) if k else INF_BITS
+    kept = g.float().abs().view(torch.int32) >= threshold
+    return threshold, torch.where(kept, g, torch.zeros_like(g))
+
+
+def check_select_and_mask(units: list[torch.Tensor], ratio: float, splits: int = 1, reduce=None):
+    keep = [keep_count(u.numel(), ratio) for u in units]
+    work = [u.clone() for u in units]
+    pieces = [list(w.tensor_split(splits)) for w in work]
+    thresholds, kept = select_and_mask(len(units), lambda u: pieces[u], keep, [u.numel() for u in units], reduce)
+    for u, (g, k) in enumerate(zip(units, keep)):
+        threshold, masked = expected_mask(g, k)
+        assert int(thresholds[u]) == threshold, (u, ratio)
+        assert torch.equal(work[u], masked), (u, ratio)
+        assert sum(kept[u]) == int((masked != 0).sum()), (u, ratio)
+        assert kept[u] == [int((p != 0).sum()) for p in masked.tensor_split(splits)]
+
+
+def unit_of(kind: str, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(n, generator=gen) * 1e-3
+    if kind == "heavy":  # Student-t with 1.5 degrees of freedom: a few huge entries
+        return torch.randn(n, generator=gen) / torch.rand(n, generator=gen).pow(1 / 1.5)
+    if kind == "ties":
+        return torch.randint(-3, 4, (n,), generator=gen).float()
+    if kind == "zeros":
+        g = torch.randn(n, generator=gen)
+        g[torch.rand(n, generator=gen) < 0.6] = 0
+        return g
+    if kind == "bf16":
+        return torch.randn(n, generator=gen).to(torch.bfloat16)
+    if kind == "fp16":
+        return (torch.randn(n, generator=gen) * 1e-2).to(torch.float16)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "zeros", "bf16", "fp16"])
+def test_select_and_mask_matches_sort(kernel_mode, kind):
+    units = [unit_of(kind, n, seed) for seed, n in enumerate((1, 7, 64, 1000, 65_537, 300_001))]
+    for ratio in (0.0, 0.2, 0.6, 0.95, 0.999):
+        check_select_and_mask(units, ratio, splits=3)
+
+
+def test_select_and_mask_on_big_units_uses_the_runs_and_stays_exact(kernel_mode):
+    from gmt_align.selection import RUN, RUNS
+
+    n = 8 * RUN * RUNS + 12_345  # big enough for the counting of runs
+    for kind in ("normal", "heavy", "ties"):
+        check_select_and_mask([unit_of(kind, n, 5)], 0.2)
+    # rows of very different scale: runs of one kind of row mislead the first guess, not the result
+    g = unit_of("normal", n, 6)
+    g[: n // 3] *= 1000
+    check_select_and_mask([g], 0.5, splits=2)
+
+
+def test_select_and_mask_tiny_and_huge_magnitudes(kernel_mode):
+    g = torch.tensor([1e-45, -1e-45, 3e38, -3e38, 1e-38, 0.0, 5.0])
+    for ratio in (0.0, 0.15, 0.3, 0.5, 0.7, 0.85):
+        check_select_and_mask([g], ratio)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_select_and_mask_refuses_non_finite_before_touching_anything(kernel_mode, bad):
+    g = torch.randn(1000)
+    g[17] = bad
+    before = g.clone()
+    with pytest.raises(NonFiniteGradientError, match="layer.3"):
+        select_and_mask(2, lambda u: [g if u == 1 else torch.ones(3)], [1, 500], [3, 1000], names=["a", "layer.3"])
+    assert torch.equal(g.nan_to_num(), before.nan_to_num())  # raised before masking
+
+
+def test_select_and_mask_ranks_get_the_single_process_mask():
+    """3 threads stand in for ranks: shards of each unit, a barrier 'all-reduce'; every shard must be
+    masked as the unsharded unit is, and every rank must take the same number of rounds."""
+    from gmt_align.selection import RUN, RUNS
+
+    world = 3
+    units = [unit_of("normal", 8 * RUN * RUNS + 5, 7), unit_of("heavy", 100_003, 8), unit_of("ties", 999, 9),
+             torch.tensor([1.0, 1.0, 2.0])]
+    keep = [keep_count(u.numel(), 0.3) for u in units]
+    shards = [list(u.clone().tensor_split(world)) for u in units]
+    shards[3] = [units[3].clone(), torch.zeros(0), torch.zeros(0)]  # rank 0 holds all of it
+    slots, calls = [None] * world, [0] * world
+    barrier = threading.Barrier(world)
+    results = [None] * world
+
+    def make_reduce(rank):
+        def reduce(counts):
+            calls[rank] += 1
+            slots[rank] = counts.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return counts.copy_(total)
+
+        return reduce
+
+    def run(rank):
+        try:
+            results[rank] = select_and_mask(len(units), lambda u: [shards[u][rank]], keep,
+                                            [u.numel() for u in units], make_reduce(rank))
+        except BaseException as error:  # noqa: BLE001 - surfaced below
+            results[rank] = error
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for result in results:
+        assert not isinstance(result, BaseException), result
+    assert len(set(calls)) == 1 and calls[0] <= 6, calls
+    for u, (g, k) in enumerate(zip(units, keep)):
+        threshold, masked = expected_mask(g, k)
+        assert all(int(result[0][u]) == threshold for result in results)
+        assert torch.equal(torch.cat([shards[u][r] for r in range(world)]), masked)
+        assert sum(result[1][u][0] for result in results) == int((masked != 0).sum())

@@ -77,13 +77,13 @@ def test_ratio_zero_is_vanilla_bit_for_bit(tokenizer, tmp_path):
 
 def test_masks_once_per_optimizer_step_on_the_accumulated_gradient(tokenizer, tmp_path, monkeypatch):
     calls = []
-    original = MaskEngine.select
+    original = MaskEngine.apply
 
     def spy(self, fragments, step, *args, **kwargs):
         calls.append(step)
         return original(self, fragments, step, *args, **kwargs)
 
-    monkeypatch.setattr(MaskEngine, "select", spy)
+    monkeypatch.setattr(MaskEngine, "apply", spy)
     args = GMTSFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1,
                         gradient_accumulation_steps=4, gmt_mask_ratio=0.3, **COMMON)
     GMTSFTTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=sft_data(),

@@ -92,11 +92,16 @@ def test_mask_equals_the_single_process_mask(results, case):
         assert t["model_weights_published"], name  # DeepSpeed's copy back (or ours, after a held step)
         if case["mode"] == "update":
             assert t["unchanged_equals_masked"], name  # masked fp32 weights bit-for-bit unchanged, kept moved
-    # Collectives: 4 all-reduces of [units, 256] int64 per selection, whatever the sizes. ZeRO selects
-    # per stepped (sub-)group for tensor units; one global threshold, or BF16_Optimizer, selects once.
-    one_selection = result["kind"] == "BF16_Optimizer" or case["granularity"] == "global"
-    assert result["comm_calls"] == 4 * (1 if one_selection else result["partitions"])
-    assert result["comm_bytes"] == 4 * 256 * 8 * result["units"]
+    # Collectives: a few all-reduces of small int64 count matrices per selection (at most
+    # [units, 4096]), whatever the sizes. ZeRO selects per stepped (sub-)group for tensor units; one
+    # global threshold, or BF16_Optimizer, selects once. Random scores: 4 rounds of [units, 256].
+    selections = 1 if result["kind"] == "BF16_Optimizer" or case["granularity"] == "global" else result["partitions"]
+    if case.get("selection") == "random":
+        assert result["comm_calls"] == 4 * selections
+        assert result["comm_bytes"] == 4 * 256 * 8 * result["units"]
+    else:
+        assert 2 * selections <= result["comm_calls"] <= 8 * selections
+        assert result["comm_bytes"] <= result["comm_calls"] * 4096 * 8 * result["units"]
 
 
 def test_the_matrix_reaches_every_optimizer_kind(results):

@@ -153,8 +153,7 @@ class HookAdapter:
         fragments = self.fragments(stepped)
         held_fragments = [self.fragments(held.flats, held.grads) for held in self._held]
         everything = fragments + [f for group in held_fragments for f in group]
-        self.engine.select(everything, self.current_step(), units)
-        self.engine.mask(everything)
+        self.engine.apply(everything, self.current_step(), units)
         self._replay_held(held_fragments)
         self._fragments = fragments
 
