@@ -77,7 +77,9 @@ class MaskEngine:
 
     def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
         self.options = options
-        self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every mask() call from then on
+        self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every apply() from then on
+        # Called at the end of every apply() with (the masked fragments, step): telemetry hooks in here.
+        self.observers: list = []
         self.recorded: list[tuple[int, int, torch.Tensor]] = []
         self.tensors = list(tensors)
         self.reduce = reduce
@@ -146,11 +148,12 @@ class MaskEngine:
                 for fragment in group:
                     self._mask_by_scores(fragment, threshold)
         self.thresholds[units] = thresholds
+        masked_now = [f for group in by_row for f in group]
         if self.record_masks:
-            for fragment in fragments:
-                if self.unit_of[fragment.tensor_id] >= 0:
-                    kept_now = self._kept(fragment)
-                    self.recorded.append((fragment.tensor_id, fragment.offset, kept_now.clone()))
+            for fragment in masked_now:
+                self.recorded.append((fragment.tensor_id, fragment.offset, self.kept_mask(fragment).clone()))
+        for observer in self.observers:
+            observer(masked_now, self.step)
         return thresholds
 
     def _random_scores(self, fragment: Fragment) -> Iterator[torch.Tensor]:
@@ -166,8 +169,9 @@ class MaskEngine:
             start = stop
         self.kept_counts[fragment.tensor_id] += kept_total
 
-    def _kept(self, fragment: Fragment) -> torch.Tensor:
-        """The kept entries of a masked fragment (recomputed: the gradient itself says it)."""
+    def kept_mask(self, fragment: Fragment) -> torch.Tensor:
+        """Bool mask of the entries of a fragment kept by the last :meth:`apply` (until the optimizer
+        step ends): recomputed from the masked gradient itself, or from the random scores."""
         threshold = int(self.thresholds[self.unit_of[fragment.tensor_id]])
         if self.options.selection == "magnitude":  # kept: |g| >= T >= smallest positive; masked are 0
             return fragment.grad.float().abs().view(torch.int32) >= threshold
@@ -187,7 +191,7 @@ class MaskEngine:
                 threshold = int(self.thresholds[self.unit_of[fragment.tensor_id]])
                 restore_masked(fragment.weight, saved, fragment.grad, threshold)
             else:
-                masked = ~self._kept(fragment).to(fragment.weight.device)
+                masked = ~self.kept_mask(fragment).to(fragment.weight.device)
                 fragment.weight[masked] = saved[masked]
             fragment._saved = None
 
