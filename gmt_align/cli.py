@@ -4,6 +4,7 @@ Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 ``deepspeed --module gmt_align.cli ...``). A bad recipe or option exits with status 2 and one
 line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` checks a recipe
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.validate`).
+``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.report`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from collections.abc import Sequence
 
 USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
        gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--deepspeed CONFIG.json] [--method sft|dpo]
+       gmt-align report OUTPUT_DIR [--out DIR]
 
 commands:
   sft       supervised fine-tuning with Gradient-Mask Tuning
   dpo       direct preference optimisation with Gradient-Mask Tuning
   validate  check recipes and their DeepSpeed config without loading a model; list every problem
+  report    plots and a summary of a run's mask telemetry (OUTPUT_DIR/gmt_stats.jsonl)
 
 Any recipe field can be given or overridden on the command line, e.g.
   gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
@@ -34,11 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .validate import main as validate
 
         return validate(rest)
+    if command == "report":
+        from .report import main as report
+
+        return report(rest)
 
     from .train import METHODS, RecipeError, parse_recipe, train
 
     if command not in METHODS:
-        choices = ", ".join((*METHODS, "validate"))
+        choices = ", ".join((*METHODS, "validate", "report"))
         print(f"gmt-align: error: unknown command {command!r} (choose from {choices})", file=sys.stderr)
         return 2
     try:

@@ -29,6 +29,13 @@ Parameters (added to every field of the parent TRL config):
         then restored bit for bit, so the step changes no masked weight (weight decay included).
         Their optimizer state is updated as if their gradient were zero (AdamW: ``exp_avg``
         decays by ``beta1``, ``exp_avg_sq`` by ``beta2``, the step count advances).
+
+> GMT telemetry
+
+    gmt_telemetry (`bool`, defaults to `True`):
+        Track per-entry churn and coverage (``gmt/churn``, ``gmt/coverage``): 2 bits per entry
+        held, one pass over the kept mask per step. Kept fractions per block and module kind are
+        logged either way (see :mod:`gmt_align.telemetry`).
 """
 
 from __future__ import annotations
@@ -91,6 +98,11 @@ class GMTArguments:
         default=None,
         metadata={"help": "Seed of the random masks (gmt_selection=random); defaults to `seed`."},
     )
+    gmt_telemetry: bool = field(
+        default=True,
+        metadata={"help": "Track per-entry churn and coverage of the masks (2 bits per entry, one pass per "
+                  "step); kept fractions per block and module kind are logged either way."},
+    )
 
     def validate_gmt(self) -> None:
         """Raise ``ValueError`` with a one-line message naming the first bad ``gmt_*`` field."""
@@ -113,6 +125,8 @@ class GMTArguments:
                 raise ValueError(f"gmt_exclude has an invalid regex {pattern!r}: {error}") from None
         if self.gmt_seed is not None and (isinstance(self.gmt_seed, bool) or not isinstance(self.gmt_seed, int)):
             raise ValueError(f"gmt_seed must be an integer or null, got {self.gmt_seed!r}")
+        if not isinstance(self.gmt_telemetry, bool):
+            raise ValueError(f"gmt_telemetry must be true or false, got {self.gmt_telemetry!r}")
 
 
 def mask_options(args: GMTArguments) -> MaskOptions:
