@@ -80,6 +80,7 @@ class MaskEngine:
         self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every apply() from then on
         # Called at the end of every apply() with (the masked fragments, step): telemetry hooks in here.
         self.observers: list = []
+        self._saved_buffers: dict[tuple, torch.Tensor] = {}  # update mode: the weights before the step
         self.recorded: list[tuple[int, int, torch.Tensor]] = []
         self.tensors = list(tensors)
         self.reduce = reduce
@@ -125,10 +126,13 @@ class MaskEngine:
             row = row_of.get(self.unit_of[fragment.tensor_id])
             if row is not None:
                 by_row[row].append(fragment)
-        if self.options.mode == "update":
+        if self.options.mode == "update":  # one buffer per fragment, reused every step
             for group in by_row:
                 for fragment in group:
-                    fragment._saved = fragment.weight.clone()
+                    key = (fragment.tensor_id, fragment.offset, fragment.weight.numel(), fragment.weight.device)
+                    if key not in self._saved_buffers:
+                        self._saved_buffers[key] = torch.empty_like(fragment.weight)
+                    fragment._saved = self._saved_buffers[key].copy_(fragment.weight)
         names = [self.unit_names[u] for u in units]
         keep = [self.keep[u] for u in units]
         if self.options.selection == "magnitude":

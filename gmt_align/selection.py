@@ -207,16 +207,16 @@ def _prime_at_least(value: int) -> int:
 
 
 def _sample_bits(parts: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
-    """Bit patterns of about SAMPLE entries taken with a prime stride, sorted descending."""
+    """Bit patterns (int32, unsorted) of about SAMPLE entries taken with a prime stride."""
     if numel == 0:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int32)
     stride = 1 if numel <= SAMPLE else _prime_at_least(numel // SAMPLE)
     picked, start = [], 0  # position of the next sampled entry inside the unit's local entries
     for part in parts:
         if start < part.numel():
-            picked.append(part[start::stride].float().abs().view(torch.int32).to(torch.int64).cpu())
+            picked.append(part[start::stride].float().abs().view(torch.int32).cpu())
         start = (start - part.numel()) % stride if part.numel() else start
-    return torch.cat(picked).sort(descending=True).values if picked else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(picked) if len(picked) > 1 else picked[0] if picked else torch.zeros(0, dtype=torch.int32)
 
 
 def _runs(part: torch.Tensor) -> torch.Tensor | None:
@@ -307,14 +307,25 @@ def select_and_mask(
 
     # guess: probes from each process's sample, averaged with weights = entries held.
     guesses = torch.zeros(num_units, PROBES + 1, dtype=torch.int64)
-    for u, unit in units.items():
-        sample = _sample_bits(parts[u], local[u])
-        if sample.numel():
-            n, k, s = unit.size, unit.keep, sample.numel()
-            sigma = (k / n * (1 - k / n) / s) ** 0.5 + 1 / s  # of a sample quantile, as a fraction
-            for j, c in enumerate((-3.0, -1.5, -0.6, -0.2, 0.2, 0.6, 1.5, 3.0)):
-                guesses[u, j] = int(sample[min(max(int((k / n + c * sigma) * s), 0), s - 1)]) * local[u]
-            guesses[u, PROBES] = local[u]
+    samples = {u: _sample_bits(parts[u], local[u]) for u in units}
+    samples = {u: sample for u, sample in samples.items() if sample.numel()}
+    if samples:  # one sort for all units: rows padded with -1, which sorts last
+        width = max(sample.numel() for sample in samples.values())
+        table = torch.full((len(samples), width), -1, dtype=torch.int32)
+        for row, sample in enumerate(samples.values()):
+            table[row, : sample.numel()] = sample
+        table = table.sort(dim=1, descending=True).values
+        spots = (-3.0, -1.5, -0.6, -0.2, 0.2, 0.6, 1.5, 3.0)
+        positions = torch.zeros(len(samples), PROBES, dtype=torch.int64)
+        for row, (u, sample) in enumerate(samples.items()):
+            n, k, size = units[u].size, units[u].keep, sample.numel()
+            sigma = (k / n * (1 - k / n) / size) ** 0.5 + 1 / size  # of a sample quantile, as a fraction
+            positions[row] = torch.tensor([min(max(int((k / n + c * sigma) * size), 0), size - 1) for c in spots])
+        picked = table.gather(1, positions).to(torch.int64)
+        rows = torch.tensor(list(samples))
+        held = torch.tensor([local[u] for u in samples], dtype=torch.int64)
+        guesses[rows, :PROBES] = picked * held[:, None]
+        guesses[rows, PROBES] = held
     guesses = reduce(guesses)
     for u, unit in units.items():
         weight = max(int(guesses[u, PROBES]), 1)
@@ -388,19 +399,13 @@ def select_and_mask(
                 kernels.mask_and_flag(part, int(thresholds[u]), int(thresholds[u]))
             continue
         kept[u] = list(unit.local_hi)
-        marked[u] = [kernels.mask_and_flag(part, unit.lo, unit.hi).nonzero().flatten() for part in parts[u]]
+        marked[u] = [_candidates(part, kernels.mask_and_flag(part, unit.lo, unit.hi), unit.lo, unit.hi)
+                     for part in parts[u]]
 
     # finish: exact threshold among the candidates, then zero the candidates below it.
     open_units = list(marked)
-    cand_bits, cand_unit = [], []
-    for u in open_units:
-        unit = units[u]
-        for part, blocks in zip(parts[u], marked[u]):
-            if blocks.numel():
-                bits = _block_bits(part, blocks)
-                inside = bits[(bits >= unit.lo) & (bits < unit.hi)]
-                cand_bits.append(inside - unit.lo)
-                cand_unit.append(torch.full_like(inside, u))
+    cand_bits = [bits - units[u].lo for u in open_units for _, bits in marked[u]]
+    cand_unit = [torch.full_like(bits, u) for u in open_units for _, bits in marked[u]]
     found = _radix_within(
         open_units,
         torch.cat(cand_bits) if cand_bits else torch.zeros(0, dtype=torch.int64),
@@ -410,49 +415,45 @@ def select_and_mask(
         reduce,
     )
     for u in open_units:
-        unit = units[u]
-        threshold = max(unit.lo + found[u], 1)
+        threshold = max(units[u].lo + found[u], 1)
         thresholds[u] = threshold
-        for index, (part, blocks) in enumerate(zip(parts[u], marked[u])):
-            if blocks.numel():
-                kept[u][index] += _zero_below_in_blocks(part, blocks, threshold, unit.hi)
+        for index, (part, (positions, bits)) in enumerate(zip(parts[u], marked[u])):
+            below = bits < threshold
+            if bool(below.any()):
+                part.index_fill_(0, positions[below].to(part.device), 0)
+            kept[u][index] += int((~below).sum())
     return thresholds, kept
 
 
-def _full_blocks(part: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Split marked block indices into rows of the full-block view ``[blocks, BLOCK]`` and the short
-    last block (a view, or None when it is not marked or does not exist)."""
+_GATHER_ROWS = 4096
+"""Marked blocks gathered at a time (1 MiB of fp32): bounds the finishing step's memory."""
+
+
+def _candidates(part: torch.Tensor, marks: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in ``part`` and bit patterns (int64, on the CPU) of its entries in [lo, hi), read from
+    the blocks ``marks`` flags only (a small fraction of the gradient)."""
     from .kernels import BLOCK
 
+    blocks = marks.nonzero().flatten()
     full = part.numel() // BLOCK
     view = part[: full * BLOCK].view(full, BLOCK)
-    tail = part[full * BLOCK :] if bool((blocks >= full).any()) else None
-    return view, blocks[blocks < full], tail
+    positions, values = [], []
 
+    def take(rows_values: torch.Tensor, first_positions: torch.Tensor) -> None:
+        bits = rows_values.float().abs().view(torch.int32)
+        row, col = ((bits >= lo) & (bits < hi)).nonzero(as_tuple=True)
+        positions.append((first_positions[row] + col).cpu())
+        values.append(bits[row, col].to(torch.int64).cpu())
 
-def _block_bits(part: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    view, rows, tail = _full_blocks(part, blocks)
-    values = [view[rows].reshape(-1)] + ([tail] if tail is not None else [])
-    return torch.cat(values).float().abs().view(torch.int32).to(torch.int64).cpu()
-
-
-def _zero_below_in_blocks(part: torch.Tensor, blocks: torch.Tensor, threshold: int, hi: int) -> int:
-    """Zero the entries of the marked blocks below ``threshold``; return how many kept ones lie below
-    ``hi`` (those at or above ``hi`` were counted by the masking pass)."""
-    view, rows, tail = _full_blocks(part, blocks)
-    kept = 0
-    if rows.numel():
-        values = view[rows]
-        bits = values.float().abs().view(torch.int32)
-        keep = bits >= threshold
-        view[rows] = torch.where(keep, values, torch.zeros_like(values))
-        kept += int((keep & (bits < hi)).sum())
-    if tail is not None:
-        bits = tail.float().abs().view(torch.int32)
-        keep = bits >= threshold
-        kept += int((keep & (bits < hi)).sum())
-        tail.masked_fill_(~keep, 0)
-    return kept
+    inner = blocks[blocks < full]
+    for start in range(0, inner.numel(), _GATHER_ROWS):
+        rows = inner[start : start + _GATHER_ROWS]
+        take(view.index_select(0, rows), rows * BLOCK)
+    if blocks.numel() and int(blocks[-1]) >= full:  # the short last block
+        take(part[full * BLOCK :].view(1, -1), torch.tensor([full * BLOCK], device=part.device))
+    if not positions:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(positions), torch.cat(values)
 
 
 def _radix_within(
@@ -470,36 +471,36 @@ def _radix_within(
     reduced matrices stay under 64 Ki counts); all units advance together, one all-reduce per
     round over the units still going (the same on every process: spans are global).
     """
+    if not units:
+        return {}
     digit_bits = 12 if len(units) <= 16 else 8
     bins = 1 << digit_bits
-    width = {u: max(span[u] - 1, 1).bit_length() for u in units}
-    prefix = {u: 0 for u in units}
-    remaining = dict(need)
-    row_of_unit = torch.full((max(units, default=-1) + 2,), -1, dtype=torch.int64)
-    for round_index in range(max(width.values(), default=0) // digit_bits + 1):
-        going = [u for u in units if width[u] > digit_bits * round_index]
-        if not going:
+    width = torch.tensor([max(span[u] - 1, 1).bit_length() for u in units])
+    prefix = torch.zeros(len(units), dtype=torch.int64)
+    remaining = torch.tensor([need[u] for u in units], dtype=torch.int64)
+    index_of = torch.full((max(units) + 1,), -1, dtype=torch.int64)
+    index_of[torch.tensor(units)] = torch.arange(len(units))
+    slot = index_of[owner] if owner.numel() else owner  # each candidate's position in ``units``
+    for round_index in range(int(width.max()) // digit_bits + 1):
+        going = torch.nonzero(width > digit_bits * round_index).flatten()
+        if not going.numel():
             break
-        high = torch.tensor([width[u] - digit_bits * round_index for u in going])
+        high = (width - digit_bits * round_index).clamp(min=0)
         low = (high - digit_bits).clamp(min=0)
-        want = torch.tensor([prefix[u] for u in going])
-        row_of_unit.fill_(-1)
-        row_of_unit[torch.tensor(going)] = torch.arange(len(going))
-        row = row_of_unit[owner] if owner.numel() else owner
-        ok = row >= 0
-        row, v = row[ok], values[ok]
-        ok = (v >> high[row]) == want[row]
-        row, v = row[ok], v[ok]
-        digit = (v >> low[row]) & ((1 << (high - low)[row]) - 1)
-        counts = torch.bincount(row * bins + digit, minlength=len(going) * bins).view(len(going), bins)
+        row_of = torch.full((len(units),), -1, dtype=torch.int64)
+        row_of[going] = torch.arange(going.numel())
+        ok = row_of[slot] >= 0
+        ok &= (values >> high[slot]) == prefix[slot]
+        s, v = slot[ok], values[ok]
+        digit = (v >> low[s]) & ((1 << (high - low)[s]) - 1)
+        counts = torch.bincount(row_of[s] * bins + digit, minlength=going.numel() * bins).view(-1, bins)
         counts = reduce(counts.clone())
         at_or_above = counts.flip(1).cumsum(1).flip(1)
-        for i, u in enumerate(going):
-            reach = at_or_above[i] >= remaining[u]
-            chosen = int(reach.sum()) - 1
-            if chosen < 0:
-                raise ValueError(f"fewer candidates than needed for unit {u}")
-            above = int(at_or_above[i, chosen + 1]) if chosen < bins - 1 else 0
-            remaining[u] -= above
-            prefix[u] = (prefix[u] << int(high[i] - low[i])) | chosen
-    return prefix
+        need_now = remaining[going]
+        chosen = (at_or_above >= need_now[:, None]).sum(1) - 1
+        if bool((chosen < 0).any()):
+            raise ValueError(f"fewer candidates than needed for units {going[chosen < 0].tolist()}")
+        above = torch.where(chosen < bins - 1, at_or_above.gather(1, (chosen + 1).clamp(max=bins - 1)[:, None])[:, 0], 0)
+        remaining[going] = need_now - above
+        prefix[going] = (prefix[going] << (high - low)[going]) | chosen
+    return dict(zip(units, prefix.tolist()))

@@ -1,0 +1,214 @@
+"""What GMT's masking costs next to the optimizer step it rides on: one process, no communication.
+
+    .venv/bin/python benchmarks/mask_overhead.py [--sizes 33750000 135000000] [--shapes smollm2]
+                                                 [--repeats 7] [--ratio 0.2] [--device cpu]
+
+For each gradient (flat fp32 vectors of the given sizes — 33.75M is one partition of
+SmolLM2-135M over 4 ranks — and SmolLM2-135M's 272 real tensor shapes) it times, as the median
+of ``--repeats`` interleaved runs after one warm-up (which also compiles the kernels):
+
+- (a) one torch AdamW step over the same parameters: ``fused=True`` and ``foreach=True``;
+- (b) the engine's selection + masking (``MaskEngine.apply``; ``update`` mode adds keeping the
+  weights and ``restore``), for ``tensor`` and ``global`` granularity, ``gradient`` and ``update`` mode;
+- (c) the naive reference: ``torch.kthvalue(|g|)`` per unit, then ``masked_fill_``.
+
+Peak extra memory of (b) and (c) is what the torch allocator hands out during one call (from the
+profiler's allocation events), relative to the gradient's bytes. The last line is
+
+    mask_vs_adamw=<ratio> naive_vs_mask=<ratio> extra_mem_frac=<fraction>
+
+for the first size: (b) tensor granularity, gradient mode, against the fused AdamW step and
+against (c); extra_mem_frac of that same (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from gmt_align.engine import Fragment, MaskEngine, MaskOptions, TensorInfo  # noqa: E402
+from gmt_align.kernels import compiled  # noqa: E402
+from gmt_align.selection import keep_count  # noqa: E402
+
+
+def smollm2_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """SmolLM2-135M's trainable tensors (tied embeddings counted once): 134.5M entries in 272 tensors."""
+    hidden, inter, layers, vocab, kv = 576, 1536, 30, 49152, 192
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (kv, hidden)),
+                   (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                   (p + "mlp.down_proj.weight", (hidden, inter)), (p + "input_layernorm.weight", (hidden,)),
+                   (p + "post_attention_layernorm.weight", (hidden,))]
+    return shapes + [("model.norm.weight", (hidden,))]
+
+
+class Case:
+    """Parameters and their pristine gradients (heavy-tailed, like real ones), restored before each run."""
+
+    def __init__(self, label: str, shapes: list[tuple[str, tuple[int, ...]]], device: str):
+        gen = torch.Generator().manual_seed(0)
+        self.label = label
+        self.names = [name for name, _ in shapes]
+        self.params = [torch.nn.Parameter(torch.randn(shape, generator=gen).mul_(0.02).to(device))
+                       for _, shape in shapes]
+        self.pristine = []
+        for p in self.params:
+            g = torch.randn(p.shape, generator=gen)
+            g.mul_(torch.rand(p.shape, generator=gen).add_(0.05).pow_(-0.5)).mul_(1e-4)  # heavier tails
+            self.pristine.append(g.to(device))
+            p.grad = g.clone().to(device)
+        self.numel = sum(p.numel() for p in self.params)
+        self.grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params)
+
+    def reset(self) -> None:
+        for p, g in zip(self.params, self.pristine):
+            p.grad.copy_(g)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_extra_bytes(fn, device: str) -> int:
+    """Peak of (allocated - freed) bytes during ``fn()``, from the allocator's events."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for event in events:
+        now += event.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+def gmt_runner(case: Case, granularity: str, mode: str, ratio: float):
+    infos = [TensorInfo((name,), p.numel()) for name, p in zip(case.names, case.params)]
+    engine = MaskEngine(MaskOptions(mask_ratio=ratio, granularity=granularity, mode=mode), infos)
+    fragments = [Fragment(i, 0, p.grad.view(-1), p.data.view(-1)) for i, p in enumerate(case.params)]
+    step = [0]
+
+    def run():
+        step[0] += 1
+        engine.apply(fragments, step[0])
+        if mode == "update":  # the optimizer step would run here
+            engine.restore(fragments)
+
+    return run
+
+
+def naive_runner(case: Case, ratio: float):
+    def run():
+        for p in case.params:
+            g = p.grad.view(-1)
+            k = keep_count(g.numel(), ratio)
+            if k == 0:
+                g.zero_()
+                continue
+            threshold = torch.kthvalue(g.abs(), g.numel() - k + 1).values.clamp(min=torch.finfo(torch.float32).tiny)
+            g.masked_fill_(g.abs() < threshold, 0)
+
+    return run
+
+
+def adamw_runner(case: Case, **kind):
+    optimizer = torch.optim.AdamW(case.params, lr=1e-5, weight_decay=0.0, **kind)
+    return optimizer.step
+
+
+def measure(case: Case, args) -> dict[str, dict]:
+    runners = {
+        "adamw fused": (adamw_runner(case, fused=True), False),
+        "adamw foreach": (adamw_runner(case, foreach=True), False),
+    }
+    for granularity in ("tensor", "global"):
+        for mode in ("gradient", "update"):
+            runners[f"gmt {granularity} {mode}"] = (gmt_runner(case, granularity, mode, args.ratio), True)
+    if case.numel <= args.naive_max:
+        runners["naive kthvalue+mask"] = (naive_runner(case, args.ratio), True)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for name, (run, masks) in runners.items():  # warm-up: compiles kernels, creates optimizer state
+        case.reset()
+        run()
+    for _ in range(args.repeats):  # interleaved, so load on the machine hits every method alike
+        for name, (run, masks) in runners.items():
+            case.reset()
+            sync(args.device)
+            start = time.perf_counter()
+            run()
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, (run, masks) in runners.items():
+        case.reset()
+        extra = peak_extra_bytes(run, args.device) if masks else None
+        results[name] = {"s": statistics.median(times[name]), "extra": extra}
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[33_750_000, 135_000_000])
+    parser.add_argument("--shapes", choices=["smollm2", "none"], default="smollm2")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--naive_max", type=int, default=200_000_000, help="skip the naive reference above this size")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
+    print(f"# {device}; torch {torch.__version__}; kernels {'compiled' if compiled() else 'eager'}; "
+          f"mask ratio {args.ratio}; median of {args.repeats}")
+    cases = [Case(f"flat {n / 1e6:g}M", [(f"flat{n}", (n,))], args.device) for n in args.sizes]
+    if args.shapes == "smollm2":
+        cases.append(Case("SmolLM2-135M shapes", smollm2_shapes(), args.device))
+    print(f"{'gradient':<22} {'method':<22} {'time (s)':>10} {'x fused AdamW':>14} {'extra mem':>10}")
+    headline = None
+    for case in cases:
+        results = measure(case, args)
+        adamw = results["adamw fused"]["s"]
+        for name, r in results.items():
+            extra = "" if r["extra"] is None else f"{r['extra'] / case.grad_bytes:.3f}"
+            print(f"{case.label:<22} {name:<22} {r['s']:>10.4f} {r['s'] / adamw:>14.2f} {extra:>10}")
+        if headline is None and "naive kthvalue+mask" in results:
+            mask = results["gmt tensor gradient"]
+            headline = (mask["s"] / adamw, results["naive kthvalue+mask"]["s"] / mask["s"], mask["extra"] / case.grad_bytes)
+        del case
+    if headline:
+        print(f"mask_vs_adamw={headline[0]:.3f} naive_vs_mask={headline[1]:.1f} extra_mem_frac={headline[2]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
