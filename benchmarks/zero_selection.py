@@ -5,8 +5,8 @@
 Starts 2 ranks of itself on 127.0.0.1 (DS_ACCELERATOR=cpu). Model: SmolLM2-135M's architecture
 (random weights, fp32), client AdamW, micro-batch 1 x 32 tokens. For each stage it runs `steps`
 measured optimizer steps (after one warm-up) with GMT (tensor granularity, gradient mode) and
-without, and prints medians: the whole ZeRO step (engine.step), GMT's selection (select_thresholds,
-4 radix rounds), the all-reduce time inside it, and the masking pass.
+without, and prints medians: the whole ZeRO step (engine.step), GMT's selection and masking
+(MaskEngine.apply, summed over the groups of a step), and the all-reduce time and calls inside it.
 """
 
 from __future__ import annotations
@@ -59,13 +59,12 @@ def run_rank(args) -> dict:
                          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
                          "zero_allow_untested_optimizer": True}
             engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-            times = {"step": [], "select": [], "allreduce": [], "mask": []}
+            times = {"step": [], "apply": [], "allreduce": []}
             adapter = None
             if gmt:
                 adapter = attach(zopt, engine.module, MaskOptions(mask_ratio=args.ratio), lambda: 0)
                 eng = adapter.engine
-                eng.select = timed(times["select"], eng.select)
-                eng.mask = timed(times["mask"], eng.mask)
+                eng.apply = timed(times["apply"], eng.apply)
                 reduce = eng.reduce
                 eng.reduce = timed(times["allreduce"], reduce)
             gen = torch.Generator().manual_seed(dist.get_rank())
@@ -116,14 +115,13 @@ def main() -> None:
                 sys.exit(rank.stdout[-4000:])
         rows = json.loads(out.read_text())
     print(f"2 ranks, gloo, CPU; SmolLM2-135M shapes (134.5M params), ratio {args.ratio}, {args.steps} steps")
-    print(f"{'run':<16}{'ZeRO step s':>12}{'select s':>10}{'all-reduce s':>14}{'calls':>7}{'mask s':>9}")
+    print(f"{'run':<16}{'ZeRO step s':>12}{'select+mask s':>14}{'all-reduce s':>14}{'calls':>7}")
     for name, r in rows.items():
-        print(f"{name:<16}{r['step']:>12.3f}{r['select']:>10.3f}{r['allreduce']:>14.4f}"
-              f"{r['allreduce_calls']:>7}{r['mask']:>9.3f}")
+        print(f"{name:<16}{r['step']:>12.3f}{r['apply']:>14.3f}{r['allreduce']:>14.4f}{r['allreduce_calls']:>7}")
     for stage in args.stages:
         gmt, vanilla = rows[f"zero{stage}-gmt"], rows[f"zero{stage}-vanilla"]
         print(f"zero{stage}: gmt_step/vanilla_step={gmt['step'] / vanilla['step']:.2f} "
-              f"selection_share={(gmt['select'] + gmt['mask']) / gmt['step']:.2f}")
+              f"selection_share={gmt['apply'] / gmt['step']:.2f}")
 
 
 if __name__ == "__main__":
