@@ -102,83 +102,75 @@ class MaskTelemetry:
             if members.any():
                 self.groups[key] = members
         self.blocks = [key for key in self.groups if key.startswith("block_")]
-        # Per fragment (tensor_id, offset): [last kept bits, ever-kept bits], int64 words.
-        self.bits: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.pending: dict[tuple[int, int], list[torch.Tensor]] = {}  # loaded, used at first sight
-        self.changed = torch.zeros(len(names), dtype=torch.int64)
-        self.compared = torch.zeros(len(names), dtype=torch.int64)
+        self.layouts: dict[tuple, _Layout] = {}  # one per observed set of fragments
+        self.pending: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # loaded, used at first sight
+        self.changed = 0  # entries whose state changed, summed over the steps since the last log
+        self.compared = 0  # entries compared with the step before, likewise
         self._scratch: torch.Tensor | None = None
         engine.observers.append(self.observe)
 
     # --- every optimizer step ---------------------------------------------------------------------
     def observe(self, fragments: Sequence[Fragment], step: int) -> None:
-        """Engine observer: fold this step's kept masks into the per-entry state."""
-        if not self.per_entry:
-            return
-        for fragment in fragments:
-            n = fragment.grad.numel()
-            key = (fragment.tensor_id, fragment.offset)
-            state = self.bits.get(key)
-            if state is None:
-                state = self.pending.pop(key, None)
-                if state is not None and state[0].numel() == -(-n // 64):
-                    state = [s.to(fragment.grad.device) for s in state]
-                else:
-                    state = None
-            first = state is None
-            if first:
-                words = -(-n // 64)
-                state = [torch.zeros(words, dtype=torch.int64, device=fragment.grad.device) for _ in range(2)]
-                self.bits[key] = state
-            else:
-                self.bits[key] = state
-                self.compared[fragment.tensor_id] += n
-            kept = None if self.engine.options.selection == "magnitude" else self.engine.kept_mask(fragment)
-            previous, covered = state
-            changed = 0
-            for start in range(0, n, CHUNK):
-                stop = min(start + CHUNK, n)
-                words = self._kept_words(fragment, kept, start, stop)
-                w0, w1 = start // 64, start // 64 + words.numel()
-                if not first:
-                    changed += popcount(previous[w0:w1] ^ words)
-                previous[w0:w1] = words
-                covered[w0:w1] |= words
-            self.changed[fragment.tensor_id] += changed
+        """Engine observer: fold this step's kept masks into the per-entry state.
 
-    def _kept_words(self, fragment: Fragment, kept: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
-        """Packed kept bits of entries [start, stop) of a fragment; the padding bits are 0."""
-        padded = -(-(stop - start) // 64) * 64
-        if self._scratch is None or self._scratch.numel() < padded or self._scratch.device != fragment.grad.device:
-            self._scratch = torch.empty(padded, dtype=torch.bool, device=fragment.grad.device)
-        buffer = self._scratch[:padded]
-        if kept is None:  # magnitude: masked entries are 0, kept ones |g| >= T > 0
-            torch.ne(fragment.grad[start:stop], 0, out=buffer[: stop - start])
-        else:
-            buffer[: stop - start].copy_(kept[start:stop])
-        buffer[stop - start :].fill_(False)
-        return pack_bits(buffer)
+        The fragments of one call (the same every step) are laid end to end, each from a 64-entry
+        boundary, and processed in chunks of ``CHUNK`` entries: a few tensor operations per chunk
+        and one copy per fragment, so the hundreds of small tensors of a model cost little.
+        """
+        if not self.per_entry or not fragments:
+            return
+        key = tuple((f.tensor_id, f.offset, f.grad.numel()) for f in fragments)
+        layout = self.layouts.get(key)
+        first = layout is None
+        if first:
+            layout = self.layouts[key] = _Layout(key, fragments[0].grad.device, self.pending.pop(key, None))
+            first = not layout.restored
+        if self._scratch is None or self._scratch.device != layout.previous.device:
+            self._scratch = torch.empty(CHUNK, dtype=torch.bool, device=layout.previous.device)
+        magnitude = self.engine.options.selection == "magnitude"
+        kept: tuple[int, torch.Tensor] | None = None  # random: the kept mask of one fragment at a time
+        changed = 0
+        for chunk, (copies, pads) in enumerate(zip(layout.copies, layout.pads)):
+            w0 = chunk * CHUNK // 64
+            w1 = min(w0 + CHUNK // 64, layout.previous.numel())
+            buffer = self._scratch[: (w1 - w0) * 64]
+            for index, src, stop, dst in copies:
+                if magnitude:  # kept: |g| >= T > 0, masked: 0; a float -> bool copy is 10x torch.ne(out=)
+                    source = fragments[index].grad
+                else:
+                    if kept is None or kept[0] != index:
+                        kept = (index, self.engine.kept_mask(fragments[index]))
+                    source = kept[1]
+                buffer[dst : dst + stop - src].copy_(source[src:stop])
+            for lo, hi in pads:
+                buffer[lo:hi].fill_(False)
+            words = pack_bits(buffer)
+            if not first:
+                changed += popcount(layout.previous[w0:w1] ^ words)
+            layout.previous[w0:w1] = words
+            layout.covered[w0:w1] |= words
+        if not first:
+            self.changed += changed
+            self.compared += layout.entries
 
     # --- logging steps (collective) ----------------------------------------------------------------
     def pop_stats(self) -> tuple[dict[str, float], list[float]]:
         """The engine's figures plus the telemetry's, and the per-block kept fractions in block order.
 
         Collective like :meth:`MaskEngine.pop_stats`: two all-reduces (the engine's and one of
-        ``4 × tensors`` int64 here), on every process in the same order.
+        ``tensors + 3`` int64 here), on every process in the same order.
         """
         steps = self.engine.steps_since_log
-        covered = torch.zeros_like(self.changed)
-        for (tensor_id, _), (_, ever) in self.bits.items():
-            covered[tensor_id] += popcount(ever)
-        counts = torch.stack([self.engine.kept_counts.clone(), self.changed, self.compared, covered])
+        covered = sum(popcount(layout.covered) for layout in self.layouts.values())
+        telemetry = torch.tensor([self.changed, self.compared, covered], dtype=torch.int64)
+        counts = torch.cat([self.engine.kept_counts, telemetry])
         stats = self.engine.pop_stats()
         if self.engine.reduce is not None:
             counts = self.engine.reduce(counts)
-        self.changed.zero_()
-        self.compared.zero_()
+        self.changed = self.compared = 0
         if steps == 0:
             return stats, []
-        kept, changed, compared, covered = counts
+        kept, (changed, compared, covered) = counts[:-3], counts[-3:].tolist()
         by_block = []
         for key, members in self.groups.items():
             fraction = float(kept[members].sum()) / max(int(self.numel[members].sum()) * steps, 1)
@@ -186,21 +178,22 @@ class MaskTelemetry:
             if key.startswith("block_"):
                 by_block.append(fraction)
         if self.per_entry:
-            if compared.sum() > 0:
-                stats["gmt/churn"] = float(changed.sum()) / float(compared.sum())
-            stats["gmt/coverage"] = float(covered.sum()) / max(int(self.numel[self.maskable].sum()), 1)
+            if compared > 0:
+                stats["gmt/churn"] = changed / compared
+            stats["gmt/coverage"] = covered / max(int(self.numel[self.maskable].sum()), 1)
         return stats, by_block
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self, world_size: int) -> dict:
         """This process's per-entry state (its fragments only), on the CPU, for ``torch.save``."""
-        keys = sorted(self.bits)
         return {
             "version": 1,
             "world_size": world_size,
-            "keys": torch.tensor(keys, dtype=torch.int64).view(-1, 2),
-            "previous": [self.bits[k][0].cpu() for k in keys],
-            "covered": [self.bits[k][1].cpu() for k in keys],
+            "layouts": [
+                {"fragments": torch.tensor(key, dtype=torch.int64).view(-1, 3),
+                 "previous": layout.previous.cpu(), "covered": layout.covered.cpu()}
+                for key, layout in self.layouts.items()
+            ],
         }
 
     def load_state_dict(self, state: dict, world_size: int) -> str | None:
@@ -213,7 +206,46 @@ class MaskTelemetry:
             return f"unknown telemetry state version {state.get('version')!r}"
         if state["world_size"] != world_size:
             return f"saved with {state['world_size']} processes, resumed with {world_size}"
-        keys = [tuple(k) for k in state["keys"].tolist()]
-        self.pending = {k: [p, c] for k, p, c in zip(keys, state["previous"], state["covered"])}
-        self.bits = {}
+        self.pending = {
+            tuple(tuple(row) for row in saved["fragments"].tolist()): (saved["previous"], saved["covered"])
+            for saved in state["layouts"]
+        }
+        self.layouts = {}
         return None
+
+
+class _Layout:
+    """The fragments of one observe call, laid end to end in bit space, each from a 64-bit boundary.
+
+    ``copies[c]`` lists, for chunk ``c``, the pieces of fragments to copy into it as (fragment index,
+    start, stop, start in the chunk); ``pads[c]`` the padding ranges to clear (their bits stay 0).
+    """
+
+    def __init__(self, key: tuple, device: torch.device, saved: tuple[torch.Tensor, torch.Tensor] | None):
+        bases, total = [], 0
+        for _, _, n in key:
+            bases.append(total)
+            total += -(-n // 64) * 64
+        self.entries = sum(n for _, _, n in key)
+        chunks = -(-total // CHUNK)
+        self.copies: list[list[tuple[int, int, int, int]]] = [[] for _ in range(chunks)]
+        self.pads: list[list[tuple[int, int]]] = [[] for _ in range(chunks)]
+        for index, ((_, _, n), base) in enumerate(zip(key, bases)):
+            for lo, hi in _split(base, base + n):
+                self.copies[lo // CHUNK].append((index, lo - base, hi - base, lo % CHUNK))
+            for lo, hi in _split(base + n, base + -(-n // 64) * 64):
+                self.pads[lo // CHUNK].append((lo % CHUNK, lo % CHUNK + hi - lo))
+        self.restored = saved is not None and saved[0].numel() == total // 64
+        if self.restored:
+            self.previous, self.covered = (s.to(device) for s in saved)
+        else:
+            self.previous = torch.zeros(total // 64, dtype=torch.int64, device=device)
+            self.covered = torch.zeros_like(self.previous)
+
+
+def _split(lo: int, hi: int):
+    """[lo, hi) cut at multiples of CHUNK."""
+    while lo < hi:
+        stop = min(hi, (lo // CHUNK + 1) * CHUNK)
+        yield lo, stop
+        lo = stop
