@@ -206,11 +206,17 @@ def _prime_at_least(value: int) -> int:
     return value
 
 
-def _sample_bits(parts: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
-    """Bit patterns (int32, unsorted) of about SAMPLE entries taken with a prime stride."""
+def _sample_size(size: int) -> int:
+    """Enough that one exact count usually brackets the threshold within _max_candidates(size):
+    a sample quantile is off by about size * 0.5 / sqrt(sample) entries."""
+    return min(SAMPLE, max(512, (size // 8192) ** 2))
+
+
+def _sample_bits(parts: Sequence[torch.Tensor], numel: int, wanted: int) -> torch.Tensor:
+    """Bit patterns (int32, unsorted) of about ``wanted`` entries taken with a prime stride."""
     if numel == 0:
         return torch.zeros(0, dtype=torch.int32)
-    stride = 1 if numel <= SAMPLE else _prime_at_least(numel // SAMPLE)
+    stride = 1 if numel <= wanted else _prime_at_least(numel // wanted)
     picked, start = [], 0  # position of the next sampled entry inside the unit's local entries
     for part in parts:
         if start < part.numel():
@@ -307,25 +313,24 @@ def select_and_mask(
 
     # guess: probes from each process's sample, averaged with weights = entries held.
     guesses = torch.zeros(num_units, PROBES + 1, dtype=torch.int64)
-    samples = {u: _sample_bits(parts[u], local[u]) for u in units}
-    samples = {u: sample for u, sample in samples.items() if sample.numel()}
-    if samples:  # one sort for all units: rows padded with -1, which sorts last
-        width = max(sample.numel() for sample in samples.values())
-        table = torch.full((len(samples), width), -1, dtype=torch.int32)
-        for row, sample in enumerate(samples.values()):
-            table[row, : sample.numel()] = sample
-        table = table.sort(dim=1, descending=True).values
-        spots = (-3.0, -1.5, -0.6, -0.2, 0.2, 0.6, 1.5, 3.0)
-        positions = torch.zeros(len(samples), PROBES, dtype=torch.int64)
-        for row, (u, sample) in enumerate(samples.items()):
-            n, k, size = units[u].size, units[u].keep, sample.numel()
+    samples = {u: _sample_bits(parts[u], local[u], _sample_size(units[u].size)) for u in units}
+    buckets: dict[int, list[int]] = {}  # units whose samples have about the same size, sorted together
+    for u, sample in samples.items():
+        if sample.numel():
+            buckets.setdefault(sample.numel().bit_length(), []).append(u)
+    spots = (-3.0, -1.5, -0.6, -0.2, 0.2, 0.6, 1.5, 3.0)
+    for members in buckets.values():  # rows padded with -1, which sorts last
+        table = torch.full((len(members), max(samples[u].numel() for u in members)), -1, dtype=torch.int32)
+        positions = torch.zeros(len(members), PROBES, dtype=torch.int64)
+        for row, u in enumerate(members):
+            n, k, size = units[u].size, units[u].keep, samples[u].numel()
+            table[row, :size] = samples[u]
             sigma = (k / n * (1 - k / n) / size) ** 0.5 + 1 / size  # of a sample quantile, as a fraction
             positions[row] = torch.tensor([min(max(int((k / n + c * sigma) * size), 0), size - 1) for c in spots])
-        picked = table.gather(1, positions).to(torch.int64)
-        rows = torch.tensor(list(samples))
-        held = torch.tensor([local[u] for u in samples], dtype=torch.int64)
-        guesses[rows, :PROBES] = picked * held[:, None]
-        guesses[rows, PROBES] = held
+        picked = table.sort(dim=1, descending=True).values.gather(1, positions).to(torch.int64)
+        held = torch.tensor([local[u] for u in members], dtype=torch.int64)
+        guesses[torch.tensor(members), :PROBES] = picked * held[:, None]
+        guesses[torch.tensor(members), PROBES] = held
     guesses = reduce(guesses)
     for u, unit in units.items():
         weight = max(int(guesses[u, PROBES]), 1)
