@@ -28,10 +28,12 @@ file's path, else sft.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
 import functools
+import os
 import re
 import sys
 import warnings
@@ -118,7 +120,7 @@ def _build_args(method: str, recipe: dict):
     from .train import RecipeError, _one_line, make_parser
 
     parser = make_parser(method)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _one_process():
         warnings.simplefilter("ignore")
         try:
             parser.set_defaults_with_config(**{**recipe, "use_cpu": True})
@@ -129,17 +131,20 @@ def _build_args(method: str, recipe: dict):
             return None, _one_line(str(error))
 
 
-class _OneProcess:
-    """``trainer_config_process`` reads ``args.world_size``, which would set up devices (and, under a
-    launcher, a process group). The world size is unknown here; its one use is checked apart."""
+# A launcher's (or a job script's) variables: TrainingArguments sets up its devices in __post_init__, and
+# under these it would start a process group and wait for peers that never come.
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "ACCELERATE_USE_DEEPSPEED")
 
-    world_size = 1
 
-    def __init__(self, args):
-        self._args = args
-
-    def __getattr__(self, name):
-        return getattr(self._args, name)
+@contextlib.contextmanager
+def _one_process():
+    """Parse as one process with no process group, whatever the environment (restored after)."""
+    saved = {name: os.environ.pop(name) for name in _LAUNCHER_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 _MISMATCH = re.compile(r"- ds (\S+)=(.*) vs hf (\S+)=(.*)")
@@ -195,7 +200,7 @@ def deepspeed_problems(config: dict, args, recipe: dict) -> list[str]:
         resolved = HfTrainerDeepSpeedConfig(copy.deepcopy(config))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            resolved.trainer_config_process(_OneProcess(args))
+            resolved.trainer_config_process(args)  # args were built as one process: world size 1
         for line in resolved.mismatches:
             match = _MISMATCH.match(line)
             if match and match.group(1) != "train_batch_size":  # depends on the world size: below
@@ -325,8 +330,6 @@ def validate_recipe(
 
 
 def main(argv: Sequence[str]) -> int:
-    import os
-
     # DeepSpeed is imported for its config schema only; without this it probes for an accelerator
     # and prints a warning on a machine that has none (a login node).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

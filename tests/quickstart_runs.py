@@ -5,19 +5,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from gmt_align.selection import keep_count
-from multirank.launch import ROOT, run_ranks
+from multirank.launch import ROOT, cpu_env, run_ranks, run_together
+
+# Two GMT steps on 2 ranks x batch 1; cosine, so that a resumed run must also restore the scheduler.
+TWO_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "1", "--lr_scheduler_type", "cosine",
+             "--gmt_mask_ratio", "0.3", "--use_cpu", "true"]
+SAVE_EACH_STEP = ["--save_strategy", "steps", "--save_steps", "1"]  # DeepSpeed checkpoints: checkpoint-1, -2
 
 
-def run_recipe(method, output_dir, *overrides, deepspeed=None, ranks=1):
-    """``gmt-align METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
-    argv = [
+def recipe_argv(method, output_dir, *overrides):
+    """``-m gmt_align.cli METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
+    return [
         "-m", "gmt_align.cli", method, "--config", f"recipes/quickstart/{method}.yaml",
         "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--disable_tqdm", "false", *overrides,
     ]
+
+
+def run_recipe(method, output_dir, *overrides, deepspeed=None, ranks=1):
+    """``gmt-align METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
+    argv = recipe_argv(method, output_dir, *overrides)
     if deepspeed:
         argv += ["--deepspeed", f"ds_configs/{deepspeed}.json", "--use_cpu", "true"]
     if ranks > 1:
@@ -29,6 +40,27 @@ def run_recipe(method, output_dir, *overrides, deepspeed=None, ranks=1):
     result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
+
+
+def run_launchers(commands, env=None):
+    """Launcher commands (torchrun, accelerate, a job script) started together, e.g. one per node;
+    each must succeed. Returns their outputs."""
+    results = run_together([(command, env or cpu_env()) for command in commands])
+    for command, result in zip(commands, results):
+        assert result.returncode == 0, f"{' '.join(command[:6])} ...:\n{result.stdout[-4000:]}"
+    return [result.stdout for result in results]
+
+
+def accelerate_command(config, argv, processes=2, *launch_args):
+    """``accelerate launch --config_file recipes/accelerate_configs/CONFIG.yaml ... -m gmt_align.cli ...``."""
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+            f"recipes/accelerate_configs/{config}.yaml", "--num_processes", str(processes), *launch_args, *argv]
+
+
+def same_weights(a, b):
+    """Bit for bit, tensor by tensor (names included)."""
+    a, b = saved_weights(a), saved_weights(b)
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def saved_weights(directory):

@@ -15,25 +15,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_env(rank: int, world: int, port: int) -> dict:
+def cpu_env(**extra: str) -> dict:
+    """What every process of a CPU job needs (a launcher adds the rank variables itself)."""
     return {
         **os.environ,
-        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **extra,
     }
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    return cpu_env(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
 
 
 def run_ranks(argv: list[str], world: int = 2, timeout: float = 900) -> list[subprocess.CompletedProcess]:
     """Run ``python argv...`` as ``world`` ranks; kill all of them if any outlives ``timeout``."""
     port = free_port()
+    return run_together([([sys.executable, *argv], rank_env(r, world, port)) for r in range(world)], timeout)
+
+
+def run_together(commands: list[tuple[list[str], dict]], timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """Start every (command, environment) at once from the repository root (ranks, or the launchers of
+    several nodes); kill all of them if any outlives ``timeout``."""
     procs = [
-        subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=rank_env(r, world, port),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(world)
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for command, env in commands
     ]
     results = []
     try:
