@@ -1,10 +1,11 @@
 """DeepSpeed checkpoints under ZeRO-2 and ZeRO-3 on 2 ranks: a run resumed from checkpoint-1 ends bit for
 bit where the uninterrupted run ends, and the final model is a plain HF model that transformers loads.
 
-Exact is the right bar: GMT keeps no optimizer-side state but the step number, which the Trainer
-restores (``global_step``), and the Trainer restores all the rest: the DeepSpeed engine (fp32 partitions
-and Adam moments, per rank), the cosine scheduler, the RNG states and the data order (it skips the
-batches already seen). ZeRO-2 runs through the 2-rank harness with ``--deepspeed``; ZeRO-3 through
+Exact is the right bar: the masks depend on the gradient and, for random selection, on the step
+number, which the Trainer restores (``global_step``; GMT's telemetry also saves and restores its
+coverage bits, which never touch the weights), and the Trainer restores all the rest: the DeepSpeed
+engine (fp32 partitions and Adam moments, per rank), the cosine scheduler, the RNG states and the
+data order (it skips the batches already seen). ZeRO-2 runs through the 2-rank harness with ``--deepspeed``; ZeRO-3 through
 ``accelerate launch --config_file recipes/accelerate_configs/zero3.yaml``, as users launch it.
 """
 
