@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
-       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--deepspeed CONFIG.json] [--method sft|dpo]
+       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--field value ...]
        gmt-align report OUTPUT_DIR [--out DIR]
 
 commands:

@@ -137,7 +137,7 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     template = getattr(training_args, "chat_template_path", None)  # an SFT field
     if template and _missing(template):
         problems.append(f"chat_template_path: no such file {template}")
-    resume = training_args.resume_from_checkpoint  # a path; a YAML `true` means "the last one in output_dir"
+    resume = training_args.resume_from_checkpoint  # a path (True, from a YAML `true`, is left to the Trainer)
     if isinstance(resume, str) and resume and not Path(resume).expanduser().is_dir():
         problems.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
     return problems
