@@ -5,6 +5,8 @@ Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` checks a recipe
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.validate`).
 ``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.report`).
+``gmt-align eval --model DIR --task TASK`` measures accuracy on a held-out split (see
+:mod:`gmt_align.evaluate`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from collections.abc import Sequence
 USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
        gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--field value ...]
        gmt-align report OUTPUT_DIR [--out DIR]
+       gmt-align eval --model DIR --task TASK [--n N] [--seed S] [--batch_size B] [--max_new_tokens M] [--output FILE]
 
 commands:
   sft       supervised fine-tuning with Gradient-Mask Tuning
   dpo       direct preference optimisation with Gradient-Mask Tuning
   validate  check recipes and their DeepSpeed config without loading a model; list every problem
   report    plots and a summary of a run's mask telemetry (OUTPUT_DIR/gmt_stats.jsonl)
+  eval      greedy accuracy (95% Wilson interval) on a held-out split: basic_arithmetic,
+            chain_sum, gsm_symbolic (reasoning-gym) or humaneval (pass@1)
 
 Any recipe field can be given or overridden on the command line, e.g.
   gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
@@ -41,11 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import main as report
 
         return report(rest)
+    if command == "eval":
+        from .evaluate import main as evaluate
+
+        return evaluate(rest)
 
     from .train import METHODS, RecipeError, parse_recipe, train
 
     if command not in METHODS:
-        choices = ", ".join((*METHODS, "validate", "report"))
+        choices = ", ".join((*METHODS, "validate", "report", "eval"))
         print(f"gmt-align: error: unknown command {command!r} (choose from {choices})", file=sys.stderr)
         return 2
     try:

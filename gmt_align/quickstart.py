@@ -35,6 +35,9 @@ TRAIN_SEED = 1234
 EVAL_SEED = 98765  # any seed != TRAIN_SEED is disjoint; see module docstring
 DEFAULT_TASKS: tuple[str, ...] = ("basic_arithmetic", "chain_sum")
 ANSWER_INSTRUCTION = "Answer with the number only."
+# Sizes of the training sets prepare_quickstart writes (the DPO set is a prefix of the SFT problems).
+SFT_TRAIN_N = 2000
+DPO_TRAIN_N = 1000
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"
@@ -258,9 +261,9 @@ def prepare_quickstart(root: str | Path = ".cache/quickstart") -> dict[str, Path
     }
     prepare_model(paths["model"])
     if not paths["sft_train"].is_file():
-        make_sft_dataset(paths["sft_train"], n=2000, seed=TRAIN_SEED)
+        make_sft_dataset(paths["sft_train"], n=SFT_TRAIN_N, seed=TRAIN_SEED)
     if not paths["dpo_train"].is_file():
-        make_dpo_dataset(paths["dpo_train"], n=1000, seed=TRAIN_SEED)
+        make_dpo_dataset(paths["dpo_train"], n=DPO_TRAIN_N, seed=TRAIN_SEED)
     return paths
 
 
