@@ -13,7 +13,8 @@ of ``--repeats`` interleaved runs after one warm-up (which also compiles the ker
 - (c) the naive reference: ``torch.kthvalue(|g|)`` per unit, then ``masked_fill_``.
 
 Peak extra memory of (b) and (c) is what the torch allocator hands out during one call (from the
-profiler's allocation events), relative to the gradient's bytes. The last line is
+profiler's allocation events), plus, in ``update`` mode, the copy of the weights the engine keeps
+from step to step; relative to the gradient's bytes. The last line is
 
     mask_vs_adamw=<ratio> naive_vs_mask=<ratio> extra_mem_frac=<fraction>
 
@@ -117,6 +118,7 @@ def gmt_runner(case: Case, granularity: str, mode: str, ratio: float):
         if mode == "update":  # the optimizer step would run here
             engine.restore(fragments)
 
+    run.held = lambda: sum(b.numel() * b.element_size() for b in engine._saved_buffers.values())
     return run
 
 
@@ -164,7 +166,8 @@ def measure(case: Case, args) -> dict[str, dict]:
     results = {}
     for name, (run, masks) in runners.items():
         case.reset()
-        extra = peak_extra_bytes(run, args.device) if masks else None
+        # update mode also holds a copy of the weights from step to step (allocated at the warm-up)
+        extra = peak_extra_bytes(run, args.device) + getattr(run, "held", lambda: 0)() if masks else None
         results[name] = {"s": statistics.median(times[name]), "extra": extra}
     return results
 
