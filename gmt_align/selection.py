@@ -303,12 +303,16 @@ def select_and_mask(
     """
     from . import kernels
 
-    reduce = reduce or _identity
     keep_t = [int(k) for k in torch.as_tensor(keep, dtype=torch.int64)]
     parts = [[p for p in pieces(u)] for u in range(num_units)]
     local = [sum(p.numel() for p in ps) for ps in parts]
+    # bf16/fp16 gradients widen to float32 bit patterns on a grid: probes on the grid resolve ties
+    # faster. Only alone: ranks must agree on it, and sharded gradients are fp32 anyway.
     dtypes = {p.dtype for ps in parts for p in ps}
-    quantum = 1 << 16 if dtypes == {torch.bfloat16} else 1 << 13 if dtypes == {torch.float16} else 1
+    quantum = 1
+    if reduce is None:
+        quantum = 1 << 16 if dtypes == {torch.bfloat16} else 1 << 13 if dtypes == {torch.float16} else 1
+    reduce = reduce or _identity
     units = {u: _Unit(int(sizes[u]), keep_t[u], len(parts[u])) for u in range(num_units) if keep_t[u] > 0}
 
     # guess: probes from each process's sample, averaged with weights = entries held.
@@ -389,7 +393,7 @@ def select_and_mask(
     # mask: zero below lo; mark the blocks with candidates in [lo, hi).
     thresholds = torch.full((num_units,), INF_BITS, dtype=torch.int64)
     kept: list[list[int]] = [[0] * len(parts[u]) for u in range(num_units)]
-    marked: dict[int, list[torch.Tensor]] = {}
+    marked: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per piece: (positions, bits)
     for u in range(num_units):
         unit = units.get(u)
         if unit is None:  # keep nothing
