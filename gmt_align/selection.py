@@ -233,13 +233,21 @@ def _runs(part: torch.Tensor) -> torch.Tensor | None:
     return part[: gap * RUNS].view(RUNS, gap)[:, :RUN]
 
 
-def _spread(center: float, sigma: float, slope: float, lo: int, hi: int, quantum: int) -> list[int]:
-    """PROBES probe values in (lo, hi): two cutting the bracket in thirds (so it always shrinks at
-    least threefold), one at ``lo + quantum`` (ties: the threshold is lo itself), the rest around
-    ``center`` (bits), the best guess of the threshold."""
+_AROUND = (-0.1, 0.1, -0.35, 0.35, -1.0, 1.0, -2.5, 2.5)
+"""Probe offsets around the best guess, in units of its expected error (the nearest first)."""
+
+
+def _spread(center: float, sigma: float, slope: float, lo: int, hi: int, quantum: int,
+            guarantee: bool = True) -> list[int]:
+    """PROBES probe values in (lo, hi) around ``center`` (bits), the best guess of the threshold.
+
+    With ``guarantee``, three of them are fixed: two cut the bracket in thirds (so it shrinks at
+    least threefold whatever the data) and one sits at ``lo + quantum`` (ties: the threshold is lo
+    itself). Without (the first exact round, aimed by counted runs), all of them go around center.
+    """
     span = hi - lo
-    fixed = [lo + quantum, lo + span // 3, lo + 2 * span // 3]
-    around = [int(center + c * sigma * slope) for c in (-0.2, 0.2, -0.7, 0.7, -2.0, 2.0)]
+    fixed = [lo + quantum, lo + span // 3, lo + 2 * span // 3] if guarantee else []
+    around = [int(center + c * sigma * slope) for c in _AROUND]
     chosen: list[int] = []
     for p in around[:2] + fixed + around[2:]:
         p = (p // quantum) * quantum
@@ -264,7 +272,7 @@ class _Unit:
         return self.c_lo - self.c_hi
 
     def narrow(self, counts: list[int], local: list[list[int]] | None, quantum: int,
-               scale: float = 1.0, sigma: float | None = None) -> None:
+               scale: float = 1.0, sigma: float | None = None, guarantee: bool = True) -> None:
         """Move the bracket to the probes around the keep-th entry; aim the next probes inside."""
         for j, (value, count) in enumerate(zip(self.probes, counts)):
             if value >= INF_BITS:
@@ -279,7 +287,7 @@ class _Unit:
         slope = (self.hi - self.lo) / max(self.inside, 1)
         sigma = sigma if sigma is not None else max(2 * max(self.inside, 1) ** 0.5, self.inside / 16)
         center = self.lo + (self.c_lo - self.keep + 0.5) * slope
-        self.probes = _spread(center, sigma, slope, self.lo, self.hi, quantum)
+        self.probes = _spread(center, sigma, slope, self.lo, self.hi, quantum, guarantee)
 
 
 def select_and_mask(
@@ -309,8 +317,8 @@ def select_and_mask(
     # bf16/fp16 gradients widen to float32 bit patterns on a grid: probes on the grid resolve ties
     # faster. Only alone: ranks must agree on it, and sharded gradients are fp32 anyway.
     dtypes = {p.dtype for ps in parts for p in ps}
-    quantum = 1
-    if reduce is None:
+    quantum, alone = 1, reduce is None
+    if alone:
         quantum = 1 << 16 if dtypes == {torch.bfloat16} else 1 << 13 if dtypes == {torch.float16} else 1
     reduce = reduce or _identity
     units = {u: _Unit(int(sizes[u]), keep_t[u], len(parts[u])) for u in range(num_units) if keep_t[u] > 0}
@@ -373,7 +381,7 @@ def select_and_mask(
             scale = held / seen
             sigma = 2 * (scale * unit.keep * (1 - unit.keep / unit.size)) ** 0.5 + 1
             exact = unit.lo, unit.hi, unit.c_lo, unit.c_hi
-            unit.narrow(table[u, :PROBES].tolist(), None, quantum, scale, sigma)
+            unit.narrow(table[u, :PROBES].tolist(), None, quantum, scale, sigma, guarantee=False)
             unit.lo, unit.hi, unit.c_lo, unit.c_hi = exact  # estimates never bound the exact bracket
     pending, first = list(units), True
     for _ in range(40):
@@ -422,6 +430,7 @@ def select_and_mask(
         {u: units[u].hi - units[u].lo for u in open_units},
         {u: units[u].keep - units[u].c_hi for u in open_units},
         reduce,
+        digit_bits=16 if alone and len(open_units) <= 4 else None,
     )
     for u in open_units:
         threshold = max(units[u].lo + found[u], 1)
@@ -472,17 +481,19 @@ def _radix_within(
     span: dict[int, int],
     need: dict[int, int],
     reduce: Reduce,
+    digit_bits: int | None = None,
 ) -> dict[int, int]:
     """Per unit, the largest ``d`` in ``[0, span)`` with at least ``need`` candidates ``>= d``.
 
     ``values`` (int64, ``[0, span[owner])``) are this process's candidates, ``owner`` their units.
     Radix rounds from the top of the span (12-bit digits for up to 16 units, else 8-bit: the
     reduced matrices stay under 64 Ki counts); all units advance together, one all-reduce per
-    round over the units still going (the same on every process: spans are global).
+    round over the units still going (the same on every process: spans are global). One process
+    may ask for wider digits (nothing to send: fewer rounds).
     """
     if not units:
         return {}
-    digit_bits = 12 if len(units) <= 16 else 8
+    digit_bits = digit_bits or (12 if len(units) <= 16 else 8)
     bins = 1 << digit_bits
     width = torch.tensor([max(span[u] - 1, 1).bit_length() for u in units])
     prefix = torch.zeros(len(units), dtype=torch.int64)
