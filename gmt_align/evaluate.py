@@ -26,13 +26,11 @@ import argparse
 import inspect
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -373,18 +371,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise EvalUsageError(f"{args.task} needs reasoning-gym: pip install 'gmt-align[quickstart]'") from None
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def evaluate(model_dir: str | Path, task: str, *, n: int | None = None, seed: int | None = None,
              batch_size: int = 16, max_new_tokens: int | None = None, timeout: float = 3.0,
              output: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -419,7 +405,9 @@ def evaluate(model_dir: str | Path, task: str, *, n: int | None = None, seed: in
             row.update(answer=answer, expected=e.expected, score=score, correct=score == 1.0)
         rows.append(row)
     if output is not None:
-        _write_jsonl(Path(output), rows)
+        from .quickstart import write_jsonl
+
+        write_jsonl(output, rows)
 
     k = sum(r["correct"] for r in rows)
     lo, hi = wilson_interval(k, len(rows))

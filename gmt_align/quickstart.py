@@ -193,7 +193,7 @@ def make_problems(n: int, *, seed: int, tasks: Sequence[str] = DEFAULT_TASKS) ->
     return problems
 
 
-def _write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write via a temp file + ``os.replace`` so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def make_sft_dataset(
                       {"role": "assistant", "content": p.answer}]}
         for p in make_problems(n, seed=seed, tasks=tasks)
     ]
-    return _write_jsonl(path, rows)
+    return write_jsonl(path, rows)
 
 
 def make_dpo_dataset(
@@ -245,7 +245,7 @@ def make_dpo_dataset(
             "chosen": [{"role": "assistant", "content": p.answer}],
             "rejected": [{"role": "assistant", "content": wrong}],
         })
-    return _write_jsonl(path, rows)
+    return write_jsonl(path, rows)
 
 
 # -------------------------------------------------------------------------- driver
