@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AllReduce", "rank_of"]
+__all__ = ["AllReduce", "rank_of", "world_size_of"]
 
 
 class AllReduce:
@@ -42,6 +42,12 @@ def rank_of(group=None) -> int:
     import torch.distributed as dist
 
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size_of(group=None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def ensure_deepspeed_comm(training_args) -> None:

@@ -22,15 +22,10 @@ from trl import DPOTrainer, SFTTrainer
 
 from .adapters import attach
 from .config import GMTArguments, mask_options
-from .distributed import rank_of
+from .distributed import rank_of, world_size_of
 from .report import STATS_FILE
 from .telemetry import MaskTelemetry, append_jsonl
 
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 __all__ = ["GMTDPOTrainer", "GMTSFTTrainer"]
 
@@ -50,7 +45,7 @@ class _AttachGMT(TrainerCallback):
         if trainer._gmt_resume and args.gmt_telemetry:
             path = Path(trainer._gmt_resume) / f"gmt_telemetry_rank{rank_of()}.pt"
             why = "no gmt telemetry in the checkpoint" if not path.is_file() else \
-                trainer.mask_telemetry.load_state_dict(torch.load(path), _world_size())
+                trainer.mask_telemetry.load_state_dict(torch.load(path), world_size_of())
             if why:
                 warnings.warn(f"GMT coverage starts afresh at step {state.global_step}: {why}", stacklevel=2)
 
@@ -59,7 +54,7 @@ class _AttachGMT(TrainerCallback):
         if telemetry is not None and telemetry.per_entry:  # every rank saves its own fragments
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             checkpoint.mkdir(parents=True, exist_ok=True)
-            torch.save(telemetry.state_dict(_world_size()), checkpoint / f"gmt_telemetry_rank{rank_of()}.pt")
+            torch.save(telemetry.state_dict(world_size_of()), checkpoint / f"gmt_telemetry_rank{rank_of()}.pt")
 
     def on_log(self, args, state, control, **kwargs):
         """W&B: the per-block kept fractions as one histogram per logging step (bins are blocks)."""
