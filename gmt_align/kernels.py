@@ -1,4 +1,4 @@
-"""The three full passes GMT makes over a gradient, as fused kernels (``torch.compile``) or eager.
+"""The full passes GMT makes over a gradient, as fused kernels or eager torch ops.
 
 Each kernel reads |g| straight from the gradient (fp32, bf16 or fp16, widened exactly to float32)
 and never materialises |g|, a bool mask or an index at full size: the passes cost what reading
@@ -6,24 +6,34 @@ and never materialises |g|, a bool mask or an index at full size: the passes cos
 of ``|g|`` as float32, which orders exactly like the value.
 
 - :func:`count_at_least` — how many entries are ``>= probe`` for a few probes (one read);
-- :func:`mask_and_flag` — zero the entries below ``lo`` in place, count those ``>= hi``, and mark
-  the 64-entry blocks that hold an entry in ``[lo, hi)`` (one read-modify-write, writing 1/256 of
-  the gradient's bytes for the marks);
+- :func:`mask_candidates` — zero the entries below ``lo`` in place and return the entries in
+  ``[lo, hi)`` (positions and bit patterns): one read-modify-write;
 - :func:`restore_masked` — ``update`` mode: put back the saved weights where ``|g| < threshold``.
 
-Set ``GMT_ALIGN_COMPILE=0`` to use the eager versions (same results, several times slower); they
-are also the fallback where ``torch.compile`` is unavailable (no C++ compiler, unsupported device).
+Three implementations give the same results:
+
+- **C++** (``gmt_align/csrc/gmt_cpu.cpp``) for fp32 gradients on the CPU: one pass each, vectorised
+  with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
+  with torch's own pool. It is compiled once with ``torch.utils.cpp_extension`` (about 25 s) into
+  ``TORCH_EXTENSIONS_DIR``, under a name that holds the instruction set. ``GMT_ALIGN_CPP=0`` skips it.
+- **torch.compile** (Inductor; Triton on GPUs) for everything else. Inductor's CPU code for the
+  masking pass reads the gradient twice (once for the block marks, once to mask), which is why the
+  CPU has its own kernels. The candidates are then gathered from the marked 64-entry blocks.
+- **eager** torch ops, the fallback of both where a compiler is missing or fails, and what
+  ``GMT_ALIGN_COMPILE=0`` selects (several times slower).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["BLOCK", "compiled", "count_at_least", "mask_and_flag", "restore_masked"]
+__all__ = ["BLOCK", "compiled", "count_at_least", "cpp_kernels", "mask_and_flag", "mask_candidates",
+           "restore_masked"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +94,53 @@ def _run(name: str, *args):
         return _EAGER[name](*args)
 
 
+_CPP: list = []  # [module or None], once loaded or refused
+_CPP_LOCK = threading.Lock()
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def cpp_kernels():
+    """The C++ CPU kernels (built on first use), or None where disabled or not buildable."""
+    if not compiled() or os.environ.get("GMT_ALIGN_CPP", "1") in ("0", "false", "False", ""):
+        return None
+    with _CPP_LOCK:
+        if not _CPP:
+            _CPP.append(_load_cpp())
+    return _CPP[0]
+
+
+def _load_cpp():
+    try:
+        from pathlib import Path
+
+        from torch.utils.cpp_extension import load
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        return load(name=f"gmt_align_cpu_{capability.lower()}",
+                    sources=[str(Path(__file__).with_name("csrc") / "gmt_cpu.cpp")],
+                    extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(capability, [])])
+    except Exception as error:  # noqa: BLE001 - no compiler, no headers: the torch.compile kernels
+        logger.warning("gmt-align: the C++ CPU kernels could not be built (%s); using torch.compile",
+                       str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+
+
+def _cpp_for(x: torch.Tensor):
+    """The C++ kernels if they handle ``x`` (fp32 on the CPU), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return cpp_kernels()
+
+
 def count_at_least(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """int64 ``[P]``: entries of ``x`` whose |x| bit pattern is ``>= probes[j]`` (int32 ``[P]``)."""
+    cpp = _cpp_for(x)
+    if cpp is not None and probes.numel() <= 16 and (
+            (x.dim() == 1 and x.is_contiguous()) or (x.dim() == 2 and x.stride(1) == 1)):
+        return cpp.count_at_least(x, probes.to(torch.int32).contiguous())
     if x.dim() > 1:  # a view of runs (selection's subsample): small
         return _run("count", x, probes).to(torch.int64).cpu()
     total = torch.zeros(probes.shape[0], dtype=torch.int64)
@@ -108,6 +163,43 @@ def mask_and_flag(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     if body < n:  # the short last block, eagerly
         marks.append(_mask_flag(x[body:].view(1, -1), lo_t, hi_t))
     return torch.cat(marks) if len(marks) > 1 else marks[0] if marks else torch.zeros(0, dtype=torch.bool)
+
+
+_GATHER_ROWS = 4096
+"""Marked blocks gathered at a time (1 MiB of fp32): bounds the finishing step's memory."""
+
+
+def mask_candidates(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """On a contiguous 1-D ``x``: zero every entry with ``bits(|x|) < lo`` in place, and return the
+    positions and bit patterns (both int64, on the CPU, ascending positions) of its entries in
+    ``[lo, hi)`` (none when ``lo == hi``)."""
+    cpp = _cpp_for(x)
+    if cpp is not None and x.is_contiguous():
+        positions, bits = cpp.mask_select(x, lo, hi)
+        return positions, bits
+    marks = mask_and_flag(x, lo, hi)
+    if lo >= hi:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    blocks = marks.nonzero().flatten()
+    full = x.numel() // BLOCK
+    view = x[: full * BLOCK].view(full, BLOCK)
+    positions, values = [], []
+
+    def take(rows_values: torch.Tensor, first_positions: torch.Tensor) -> None:
+        bits = _bits(rows_values)
+        row, col = ((bits >= lo) & (bits < hi)).nonzero(as_tuple=True)
+        positions.append((first_positions[row] + col).cpu())
+        values.append(bits[row, col].to(torch.int64).cpu())
+
+    inner = blocks[blocks < full]
+    for start in range(0, inner.numel(), _GATHER_ROWS):
+        rows = inner[start : start + _GATHER_ROWS]
+        take(view.index_select(0, rows), rows * BLOCK)
+    if blocks.numel() and int(blocks[-1]) >= full:  # the short last block
+        take(x[full * BLOCK :].view(1, -1), torch.tensor([full * BLOCK], device=x.device))
+    if not positions:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(positions), torch.cat(values)
 
 
 def restore_masked(weight: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor, threshold: int) -> None:

@@ -287,6 +287,7 @@ class _Unit:
         slope = (self.hi - self.lo) / max(self.inside, 1)
         sigma = sigma if sigma is not None else max(2 * max(self.inside, 1) ** 0.5, self.inside / 16)
         center = self.lo + (self.c_lo - self.keep + 0.5) * slope
+        self.aim = center, sigma, slope
         self.probes = _spread(center, sigma, slope, self.lo, self.hi, quantum, guarantee)
 
 
@@ -383,6 +384,8 @@ def select_and_mask(
             exact = unit.lo, unit.hi, unit.c_lo, unit.c_hi
             unit.narrow(table[u, :PROBES].tolist(), None, quantum, scale, sigma, guarantee=False)
             unit.lo, unit.hi, unit.c_lo, unit.c_hi = exact  # estimates never bound the exact bracket
+            # ... nor the probes: aimed at the estimate, spread within the exact bracket
+            unit.probes = _spread(*unit.aim, unit.lo, unit.hi, quantum, guarantee=False)
     pending, first = list(units), True
     for _ in range(40):
         if not pending:
@@ -398,7 +401,7 @@ def select_and_mask(
     else:
         raise RuntimeError("GMT selection did not converge")
 
-    # mask: zero below lo; mark the blocks with candidates in [lo, hi).
+    # mask: zero below lo; collect the candidates in [lo, hi).
     thresholds = torch.full((num_units,), INF_BITS, dtype=torch.int64)
     kept: list[list[int]] = [[0] * len(parts[u]) for u in range(num_units)]
     marked: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per piece: (positions, bits)
@@ -406,32 +409,37 @@ def select_and_mask(
         unit = units.get(u)
         if unit is None:  # keep nothing
             for part in parts[u]:
-                kernels.mask_and_flag(part, INF_BITS, INF_BITS)
+                kernels.mask_candidates(part, INF_BITS, INF_BITS)
             continue
         if unit.hi - unit.lo <= quantum:  # resolved: no entry strictly inside the bracket
             thresholds[u] = max(unit.lo, 1)
             # kept: entries >= lo, or (lo = 0) the non-zero ones, which are the entries >= hi
             kept[u] = list(unit.local_lo if unit.lo > 0 else unit.local_hi)
             for part in parts[u]:
-                kernels.mask_and_flag(part, int(thresholds[u]), int(thresholds[u]))
+                kernels.mask_candidates(part, int(thresholds[u]), int(thresholds[u]))
             continue
         kept[u] = list(unit.local_hi)
-        marked[u] = [_candidates(part, kernels.mask_and_flag(part, unit.lo, unit.hi), unit.lo, unit.hi)
-                     for part in parts[u]]
+        marked[u] = [kernels.mask_candidates(part, unit.lo, unit.hi) for part in parts[u]]
 
     # finish: exact threshold among the candidates, then zero the candidates below it.
     open_units = list(marked)
-    cand_bits = [bits - units[u].lo for u in open_units for _, bits in marked[u]]
-    cand_unit = [torch.full_like(bits, u) for u in open_units for _, bits in marked[u]]
-    found = _radix_within(
-        open_units,
-        torch.cat(cand_bits) if cand_bits else torch.zeros(0, dtype=torch.int64),
-        torch.cat(cand_unit) if cand_unit else torch.zeros(0, dtype=torch.int64),
-        {u: units[u].hi - units[u].lo for u in open_units},
-        {u: units[u].keep - units[u].c_hi for u in open_units},
-        reduce,
-        digit_bits=16 if alone and len(open_units) <= 4 else None,
-    )
+    if alone and len(open_units) <= 4:  # one process holds every candidate: the need-th largest
+        found = {}
+        for u in open_units:
+            values = torch.cat([bits for _, bits in marked[u]])
+            need = units[u].keep - units[u].c_hi  # 1 <= need <= candidates (the bracket's counts)
+            found[u] = int(values.kthvalue(values.numel() - need + 1).values) - units[u].lo
+    else:  # radix rounds, each count all-reduced
+        cand_bits = [bits - units[u].lo for u in open_units for _, bits in marked[u]]
+        cand_unit = [torch.full_like(bits, u) for u in open_units for _, bits in marked[u]]
+        found = _radix_within(
+            open_units,
+            torch.cat(cand_bits) if cand_bits else torch.zeros(0, dtype=torch.int64),
+            torch.cat(cand_unit) if cand_unit else torch.zeros(0, dtype=torch.int64),
+            {u: units[u].hi - units[u].lo for u in open_units},
+            {u: units[u].keep - units[u].c_hi for u in open_units},
+            reduce,
+        )
     for u in open_units:
         threshold = max(units[u].lo + found[u], 1)
         thresholds[u] = threshold
@@ -443,37 +451,6 @@ def select_and_mask(
     return thresholds, kept
 
 
-_GATHER_ROWS = 4096
-"""Marked blocks gathered at a time (1 MiB of fp32): bounds the finishing step's memory."""
-
-
-def _candidates(part: torch.Tensor, marks: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions in ``part`` and bit patterns (int64, on the CPU) of its entries in [lo, hi), read from
-    the blocks ``marks`` flags only (a small fraction of the gradient)."""
-    from .kernels import BLOCK
-
-    blocks = marks.nonzero().flatten()
-    full = part.numel() // BLOCK
-    view = part[: full * BLOCK].view(full, BLOCK)
-    positions, values = [], []
-
-    def take(rows_values: torch.Tensor, first_positions: torch.Tensor) -> None:
-        bits = rows_values.float().abs().view(torch.int32)
-        row, col = ((bits >= lo) & (bits < hi)).nonzero(as_tuple=True)
-        positions.append((first_positions[row] + col).cpu())
-        values.append(bits[row, col].to(torch.int64).cpu())
-
-    inner = blocks[blocks < full]
-    for start in range(0, inner.numel(), _GATHER_ROWS):
-        rows = inner[start : start + _GATHER_ROWS]
-        take(view.index_select(0, rows), rows * BLOCK)
-    if blocks.numel() and int(blocks[-1]) >= full:  # the short last block
-        take(part[full * BLOCK :].view(1, -1), torch.tensor([full * BLOCK], device=part.device))
-    if not positions:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(positions), torch.cat(values)
-
-
 def _radix_within(
     units: list[int],
     values: torch.Tensor,
@@ -481,19 +458,17 @@ def _radix_within(
     span: dict[int, int],
     need: dict[int, int],
     reduce: Reduce,
-    digit_bits: int | None = None,
 ) -> dict[int, int]:
     """Per unit, the largest ``d`` in ``[0, span)`` with at least ``need`` candidates ``>= d``.
 
     ``values`` (int64, ``[0, span[owner])``) are this process's candidates, ``owner`` their units.
     Radix rounds from the top of the span (12-bit digits for up to 16 units, else 8-bit: the
     reduced matrices stay under 64 Ki counts); all units advance together, one all-reduce per
-    round over the units still going (the same on every process: spans are global). One process
-    may ask for wider digits (nothing to send: fewer rounds).
+    round over the units still going (the same on every process: spans are global).
     """
     if not units:
         return {}
-    digit_bits = digit_bits or (12 if len(units) <= 16 else 8)
+    digit_bits = 12 if len(units) <= 16 else 8
     bins = 1 << digit_bits
     width = torch.tensor([max(span[u] - 1, 1).bit_length() for u in units])
     prefix = torch.zeros(len(units), dtype=torch.int64)

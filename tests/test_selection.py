@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from gmt_align import kernels
 from gmt_align.selection import (
     INF_BITS,
     NonFiniteGradientError,
@@ -167,10 +168,13 @@ def test_random_scores_depend_only_on_position():
         assert not torch.equal(whole[:1000], torch.cat(list(random_chunks(*other, 0, 1000))))
 
 
-# --- select_and_mask: magnitude selection fused with masking (compiled kernels and eager) ---------
-@pytest.fixture(params=["compiled", "eager"])
+# --- select_and_mask: magnitude selection fused with masking (C++, torch.compile and eager kernels) -
+@pytest.fixture(params=["cpp", "compiled", "eager"])
 def kernel_mode(request, monkeypatch):
-    monkeypatch.setenv("GMT_ALIGN_COMPILE", "1" if request.param == "compiled" else "0")
+    monkeypatch.setenv("GMT_ALIGN_COMPILE", "0" if request.param == "eager" else "1")
+    monkeypatch.setenv("GMT_ALIGN_CPP", "1" if request.param == "cpp" else "0")
+    if request.param == "cpp":
+        assert kernels.cpp_kernels() is not None, "the C++ CPU kernels did not build"
     return request.param
 
 
@@ -246,6 +250,34 @@ def test_select_and_mask_refuses_non_finite_before_touching_anything(kernel_mode
     with pytest.raises(NonFiniteGradientError, match="layer.3"):
         select_and_mask(2, lambda u: [g if u == 1 else torch.ones(3)], [1, 500], [3, 1000], names=["a", "layer.3"])
     assert torch.equal(g.nan_to_num(), before.nan_to_num())  # raised before masking
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 4095, 4096, 4097, 70_001])
+def test_kernels_count_and_mask_like_plain_torch(kernel_mode, n):
+    """Each kernel against plain torch on the bit patterns: odd sizes around the C++ kernels' 16-lane
+    vectors and 4096-entry work items, signed zeros, inf, NaN, denormals, probes at 0 and +inf."""
+    gen = torch.Generator().manual_seed(n)
+    g = torch.randn(n, generator=gen) * torch.rand(n, generator=gen).add_(0.01).pow_(-1)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-40, 3e38])
+    g[torch.randperm(n, generator=gen)[: min(n, 8)]] = specials[: min(n, 8)]
+    bits = g.abs().view(torch.int32)
+    finite = bits[bits < INF_BITS]
+    probes = torch.tensor([0, 1, int(finite.median()) if finite.numel() else 5, 2**30, INF_BITS], dtype=torch.int32)
+    assert kernels.count_at_least(g, probes).tolist() == [int((bits >= p).sum()) for p in probes.tolist()]
+    if n >= 64:  # the runs view of the subsample: rows of a matrix, unit column stride
+        rows = g[: n // 64 * 64].view(-1, 64)[:, :40]
+        rbits = rows.abs().view(torch.int32)
+        assert kernels.count_at_least(rows, probes).tolist() == [int((rbits >= p).sum()) for p in probes.tolist()]
+
+    g = g.nan_to_num(posinf=5.0, neginf=-5.0)  # masking runs on finite gradients only
+    bits = g.abs().view(torch.int32)
+    lo, hi = sorted(int(v) for v in bits[torch.randint(n, (2,), generator=gen)])
+    for lo_, hi_ in ((lo, hi), (lo, lo), (0, INF_BITS), (INF_BITS, INF_BITS)):
+        x = g.clone()
+        positions, values = kernels.mask_candidates(x, lo_, hi_)
+        assert torch.equal(x.view(torch.int32), torch.where(bits >= lo_, g, 0.0).view(torch.int32))
+        inside = ((bits >= lo_) & (bits < hi_)).nonzero().flatten()
+        assert torch.equal(positions, inside) and torch.equal(values, bits[inside].to(torch.int64))
 
 
 def test_select_and_mask_ranks_get_the_single_process_mask():
