@@ -1,7 +1,7 @@
 """What GMT's masking costs next to the optimizer step it rides on: one process, no communication.
 
     .venv/bin/python benchmarks/mask_overhead.py [--sizes 33750000 135000000] [--shapes smollm2]
-                                                 [--repeats 7] [--ratio 0.2] [--device cpu]
+                                                 [--repeats 7] [--ratio 0.2] [--device cpu] [--processes 1]
 
 For each gradient (flat fp32 vectors of the given sizes — 33.75M is one partition of
 SmolLM2-135M over 4 ranks — and SmolLM2-135M's 272 real tensor shapes) it times, as the median
@@ -20,12 +20,19 @@ from step to step; relative to the gradient's bytes. The last line is
 
 for the first size: (b) tensor granularity, gradient mode, against the fused AdamW step and
 against (c); extra_mem_frac of that same (b).
+
+The fused AdamW step runs at one of two speeds from one process to the next on our 2-core machine
+(9 or 14 ms on 33.75M entries; steady within a process). ``--processes N`` runs the whole
+measurement in N fresh processes one after the other, prints each one's table, and ends with the
+line above made of the medians over the processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import platform
 import statistics
 import sys
@@ -38,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from gmt_align.engine import Fragment, MaskEngine, MaskOptions, TensorInfo  # noqa: E402
-from gmt_align.kernels import compiled  # noqa: E402
+from gmt_align import kernels  # noqa: E402
 from gmt_align.selection import keep_count  # noqa: E402
 
 
@@ -180,9 +187,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--naive_max", type=int, default=200_000_000, help="skip the naive reference above this size")
+    parser.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes; medians")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.processes > 1:
+        return over_processes(args, list(sys.argv[1:] if argv is None else argv))
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -190,7 +202,13 @@ def main(argv=None) -> int:
     except (OSError, StopIteration):
         pass
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"# {device}; torch {torch.__version__}; kernels {'compiled' if compiled() else 'eager'}; "
+    if not kernels.compiled():
+        kind = "eager"
+    elif args.device == "cpu" and kernels.cpp_kernels() is not None:
+        kind = f"C++ ({torch.backends.cpu.get_cpu_capability()})"
+    else:
+        kind = "torch.compile"
+    print(f"# {device}; torch {torch.__version__}; kernels {kind}; "
           f"mask ratio {args.ratio}; median of {args.repeats}")
     cases = [Case(f"flat {n / 1e6:g}M", [(f"flat{n}", (n,))], args.device) for n in args.sizes]
     if args.shapes == "smollm2":
@@ -209,6 +227,26 @@ def main(argv=None) -> int:
         del case
     if headline:
         print(f"mask_vs_adamw={headline[0]:.3f} naive_vs_mask={headline[1]:.1f} extra_mem_frac={headline[2]:.4f}")
+    return 0
+
+
+def over_processes(args, argv: list[str]) -> int:
+    """Run the measurement in ``args.processes`` fresh processes; the final line holds the medians."""
+    i = argv.index("--processes") if "--processes" in argv else None
+    rest = argv[:i] + argv[i + 2 :] if i is not None else [a for a in argv if not a.startswith("--processes=")]
+    found = []
+    for k in range(args.processes):
+        out = subprocess.run([sys.executable, __file__, *rest], check=True, capture_output=True, text=True).stdout
+        print(f"## process {k + 1} of {args.processes}\n{out}", end="", flush=True)
+        line = re.search(r"^mask_vs_adamw=(\S+) naive_vs_mask=(\S+) extra_mem_frac=(\S+)$", out, re.M)
+        if line:
+            found.append([float(v) for v in line.groups()])
+    if not found:
+        return 1
+    ratios = ", ".join(f"{row[0]:.3f}" for row in found)
+    print(f"## mask_vs_adamw per process: {ratios}")
+    medians = [statistics.median(column) for column in zip(*found)]
+    print(f"mask_vs_adamw={medians[0]:.3f} naive_vs_mask={medians[1]:.1f} extra_mem_frac={medians[2]:.4f}")
     return 0
 
 
