@@ -280,6 +280,22 @@ def test_kernels_count_and_mask_like_plain_torch(kernel_mode, n):
         assert torch.equal(positions, inside) and torch.equal(values, bits[inside].to(torch.int64))
 
 
+def test_cpp_kernels_that_do_not_build_fall_back_with_a_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "_CPP", [])  # forget the loaded module, for this test only
+    with caplog.at_level("WARNING", logger="gmt_align.kernels"):
+        assert kernels.cpp_kernels() is None
+        g = torch.tensor([3.0, -1.0, 0.5, 2.0])
+        assert kernels.count_at_least(g, torch.tensor([0, INF_BITS], dtype=torch.int32)).tolist() == [4, 0]
+    assert "C++ CPU kernels could not be built (no C++ compiler here)" in caplog.text
+    assert kernels.cpp_kernels() is None  # tried once, not on every call
+
+
 def test_select_and_mask_ranks_get_the_single_process_mask():
     """3 threads stand in for ranks: shards of each unit, a barrier 'all-reduce'; every shard must be
     masked as the unsharded unit is, and every rank must take the same number of rounds."""
