@@ -209,20 +209,14 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def make_sft_dataset(
-    path: str | Path, *, n: int, seed: int, tasks: Sequence[str] = DEFAULT_TASKS,
-    completion_only: bool = False,
+    path: str | Path, *, n: int, seed: int, tasks: Sequence[str] = DEFAULT_TASKS
 ) -> Path:
-    """Write ``n`` prompt/answer chats in TRL's conversational format.
-
-    By default one ``messages`` list per row (the loss covers the whole chat). With
-    ``completion_only``, TRL's conversational prompt-completion format (``prompt`` / ``completion``),
-    for which TRL computes the loss on the answer only.
-    """
-    rows = []
-    for p in make_problems(n, seed=seed, tasks=tasks):
-        user, assistant = {"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}
-        rows.append({"prompt": [user], "completion": [assistant]} if completion_only
-                    else {"messages": [user, assistant]})
+    """Write ``n`` prompt/answer chats in TRL's conversational format."""
+    rows = [
+        {"messages": [{"role": "user", "content": p.prompt},
+                      {"role": "assistant", "content": p.answer}]}
+        for p in make_problems(n, seed=seed, tasks=tasks)
+    ]
     return write_jsonl(path, rows)
 
 
