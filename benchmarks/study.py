@@ -194,10 +194,22 @@ def collect(out: Path) -> dict:
             half = T95[len(accs) - 1] * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else None
             row["tasks"][task] = {"mean": mean, "per_seed": accs, "seed_ci95_half": half,
                                   "pooled": [k, n], "pooled_wilson95": list(wilson(k, n))}
+        row["per_seed_both"] = {r["seed"]: sum(r["eval"][t]["correct"] for t in TASKS)
+                                / sum(r["eval"][t]["n"] for t in TASKS) for r in mine}
         for key in ("train_s", "eval_s"):
             values = [r[key] for r in mine if key in r]
             row[key] = statistics.fmean(values) if values else None
         arms[arm] = row
+    for arm, row in arms.items():  # paired by seed against the vanilla arm of the same method
+        ref = arms.get("dpo" if arm.startswith("gmt-dpo") else "sft")
+        if ref is None or arm in ("base", "sft", "dpo"):
+            continue
+        diffs = [acc - ref["per_seed_both"][seed] for seed, acc in row["per_seed_both"].items()
+                 if seed in ref["per_seed_both"]]
+        if diffs:
+            half = T95[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            row["vs_vanilla"] = {"against": ref["arm"], "mean": statistics.fmean(diffs), "ci95_half": half,
+                                 "n": len(diffs)}
     return arms
 
 
@@ -210,17 +222,22 @@ def report(args) -> None:
         lo, hi = t["pooled_wilson95"]
         return f"{t['mean']:.3f}{half} [{lo:.3f}, {hi:.3f}]"
 
-    lines = ["| arm | seeds | " + " | ".join(TASKS) + " | both | per-seed (both) | train s | eval s |",
-             "|---|---|" + "---|" * (len(TASKS) + 4)]
+    lines = ["| arm | seeds | " + " | ".join(TASKS) + " | both | per-seed (both) | vs vanilla (both, paired) "
+             "| train s | eval s |",
+             "|---|---|" + "---|" * (len(TASKS) + 5)]
     for arm, row in arms.items():
         per_seed = ", ".join(f"{a:.3f}" for a in row["tasks"]["both"]["per_seed"])
         timing = [f"{row[k]:.0f}" if row[k] is not None else "–" for k in ("train_s", "eval_s")]
+        vs = row.get("vs_vanilla")
+        delta = "–" if vs is None else f"{vs['mean']:+.3f}" + (
+            "" if vs["ci95_half"] is None else f" ± {vs['ci95_half']:.3f}") + f" ({vs['against']})"
         lines.append(f"| {arm} | {len(row['seeds'])} | " + " | ".join(cell(row["tasks"][t]) for t in TASKS)
-                     + f" | {cell(row['tasks']['both'])} | {per_seed} | {timing[0]} | {timing[1]} |")
+                     + f" | {cell(row['tasks']['both'])} | {per_seed} | {delta} | {timing[0]} | {timing[1]} |")
     table = "\n".join(lines)
     (args.out / "results.md").write_text(
         "Accuracy: mean over seeds ± t-interval half-width over seeds (95 %), "
-        "[pooled 95 % Wilson interval over all seeds' problems].\n\n" + table + "\n")
+        "[pooled 95 % Wilson interval over all seeds' problems]. vs vanilla: the mean over seeds of "
+        "(arm − vanilla of the same method and seed) ± its t-interval half-width (95 %).\n\n" + table + "\n")
     print(table)
     plot(arms, args.out / "accuracy_vs_ratio.png")
 
