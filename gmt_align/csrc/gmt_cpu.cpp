@@ -7,6 +7,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -18,6 +22,7 @@ typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
 constexpr int MAX_PROBES = 16;
 constexpr int64_t BLOCK = 4096;  // entries per work item
 constexpr int32_t ABS = 0x7FFFFFFF;
+constexpr int64_t GROUP = 64;  // entries whose candidate flags are reduced at once (BLOCK is a multiple)
 
 inline vint load_bits(const float* p) {
   vint v;
@@ -114,29 +119,52 @@ std::vector<torch::Tensor> mask_select(torch::Tensor x, int64_t lo, int64_t hi) 
   const int32_t lo32 = static_cast<int32_t>(std::min<int64_t>(lo, INT32_MAX));
   const int32_t hi32 = static_cast<int32_t>(std::min<int64_t>(hi, INT32_MAX));
   at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
-    const vint lov = vint{} + lo32, hiv = vint{} + hi32;
+    [[maybe_unused]] const vint lov = vint{} + lo32, hiv = vint{} + hi32;
     for (int64_t item = first; item < last; ++item) {
       const int64_t start = item * BLOCK, end = std::min(n, start + BLOCK);
       int64_t i = start;
+#ifdef __AVX512F__
+      // AVX-512: the comparisons give bit masks, so the candidates' lanes are read straight off them.
+      const __m512i lo512 = _mm512_set1_epi32(lo32), hi512 = _mm512_set1_epi32(hi32);
+      const __m512i abs512 = _mm512_set1_epi32(ABS);
       for (; i + LANES <= end; i += LANES) {
-        vint raw;
-        std::memcpy(&raw, data + i, sizeof(raw));
-        const vint b = raw & ABS;
-        const vint keep = b >= lov;  // -1 where kept
-        const vint out = raw & keep;
-        std::memcpy(data + i, &out, sizeof(out));
-        const vint inside = keep & (b < hiv);
-        bool any = false;
-        for (int64_t l = 0; l < LANES; ++l) any |= inside[l] != 0;
-        if (any) {
-          for (int64_t l = 0; l < LANES; ++l) {
-            if (inside[l]) {
-              pos[item].push_back(i + l);
-              val[item].push_back(b[l]);
+        const __m512i raw = _mm512_loadu_si512(data + i);
+        const __m512i b = _mm512_and_si512(raw, abs512);
+        const __mmask16 keep = _mm512_cmpge_epi32_mask(b, lo512);
+        _mm512_storeu_si512(data + i, _mm512_maskz_mov_epi32(keep, raw));
+        unsigned inside = _mm512_mask_cmplt_epi32_mask(keep, b, hi512);
+        while (inside) {
+          const int l = __builtin_ctz(inside);
+          inside &= inside - 1;
+          pos[item].push_back(i + l);
+          val[item].push_back(bits_of(data[i + l]));
+        }
+      }
+#else
+      for (; i + GROUP <= end; i += GROUP) {
+        vint seen = vint{};
+        for (int64_t v = i; v < i + GROUP; v += LANES) {
+          vint raw;
+          std::memcpy(&raw, data + v, sizeof(raw));
+          const vint b = raw & ABS;
+          const vint keep = b >= lov;  // -1 where kept
+          const vint out = raw & keep;
+          std::memcpy(data + v, &out, sizeof(out));
+          seen |= keep & (b < hiv);
+        }
+        int32_t any = 0;
+        for (int64_t l = 0; l < LANES; ++l) any |= seen[l];
+        if (any) {  // rescan the group: kept entries are unchanged, so their bits are still there
+          for (int64_t k = i; k < i + GROUP; ++k) {
+            const int32_t b = bits_of(data[k]);
+            if (b >= lo32 && b < hi32) {
+              pos[item].push_back(k);
+              val[item].push_back(b);
             }
           }
         }
       }
+#endif
       for (; i < end; ++i) {
         const int32_t b = bits_of(data[i]);
         if (b < lo32) {
