@@ -15,7 +15,8 @@ Three implementations give the same results:
 - **C++** (``gmt_align/csrc/gmt_cpu.cpp``) for fp32 gradients on the CPU: one pass each, vectorised
   with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
   with torch's own pool. It is compiled once with ``torch.utils.cpp_extension`` (about 25 s) into
-  ``TORCH_EXTENSIONS_DIR``, under a name that holds the instruction set. ``GMT_ALIGN_CPP=0`` skips it.
+  ``TORCH_EXTENSIONS_DIR``, under a name that holds the instruction set (``GMT_ALIGN_CPU_CAPABILITY``
+  = ``AVX2`` or ``DEFAULT`` builds for less, e.g. for nodes of mixed CPUs). ``GMT_ALIGN_CPP=0`` skips it.
 - **torch.compile** (Inductor; Triton on GPUs) for everything else. Inductor's CPU code for the
   masking pass reads the gradient twice (once for the block marks, once to mask), which is why the
   CPU has its own kernels. The candidates are then gathered from the marked 64-entry blocks.
@@ -118,7 +119,8 @@ def _load_cpp():
 
         from torch.utils.cpp_extension import load
 
-        capability = torch.backends.cpu.get_cpu_capability()
+        # GMT_ALIGN_CPU_CAPABILITY (AVX512, AVX2, DEFAULT) builds for less than this CPU has
+        capability = os.environ.get("GMT_ALIGN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
         return load(name=f"gmt_align_cpu_{capability.lower()}",
                     sources=[str(Path(__file__).with_name("csrc") / "gmt_cpu.cpp")],
                     extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(capability, [])])

@@ -280,6 +280,22 @@ def test_kernels_count_and_mask_like_plain_torch(kernel_mode, n):
         assert torch.equal(positions, inside) and torch.equal(values, bits[inside].to(torch.int64))
 
 
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_cpp_kernels_built_without_avx512_agree(capability):
+    """The portable vector code (AVX2, SSE: what machines without AVX-512 compile) in its own process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GMT_ALIGN_CPU_CAPABILITY": capability, "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "test_kernels_count_and_mask_like_plain_torch and cpp"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0 and "7 passed" in result.stdout, result.stdout[-3000:]
+
+
 def test_cpp_kernels_that_do_not_build_fall_back_with_a_warning(monkeypatch, caplog):
     import torch.utils.cpp_extension
 
