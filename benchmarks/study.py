@@ -259,12 +259,17 @@ def plot(arms: dict, path: Path) -> None:
         xs = [x for x, _ in pts]
         ys = [row["tasks"]["both"]["mean"] for _, row in pts]
         errs = [row["tasks"]["both"]["seed_ci95_half"] or 0.0 for _, row in pts]
-        ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=label + " (mean ± 95 % t)")
+        for x, row in pts:  # every seed, so that two-seed intervals do not hide the data
+            seeds = row["tasks"]["both"]["per_seed"]
+            ax.scatter([x] * len(seeds), seeds, marker=marker, s=12, alpha=0.5,
+                       color=ax.lines[-1].get_color() if ax.lines else None)
     if "base" in arms:
         ax.axhline(arms["base"]["tasks"]["both"]["mean"], color="grey", ls="--", label="base model")
+    ax.set_ylim(0.0, 0.5)
     ax.set_xlabel("mask ratio (0 = vanilla SFT)")
     ax.set_ylabel("accuracy, basic_arithmetic + chain_sum")
-    ax.set_title("SmolLM2-135M-Instruct, mean of seeds ± 95 % t-interval")
+    ax.set_title("SmolLM2-135M-Instruct, 60 SFT steps; dots: single seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
