@@ -168,13 +168,9 @@ def drive(args) -> None:
 # ------------------------------------------------------------------------------ report
 
 
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z / d * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, c - h), min(1.0, c + h)
-
-
 def collect(out: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from gmt_align.evaluate import wilson_interval
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
     arms = {}
     for arm in ARMS:
@@ -193,7 +189,7 @@ def collect(out: Path) -> dict:
             mean = statistics.fmean(accs)
             half = T95[len(accs) - 1] * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else None
             row["tasks"][task] = {"mean": mean, "per_seed": accs, "seed_ci95_half": half,
-                                  "pooled": [k, n], "pooled_wilson95": list(wilson(k, n))}
+                                  "pooled": [k, n], "pooled_wilson95": list(wilson_interval(k, n))}
         row["per_seed_both"] = {r["seed"]: sum(r["eval"][t]["correct"] for t in TASKS)
                                 / sum(r["eval"][t]["n"] for t in TASKS) for r in mine}
         for key in ("train_s", "eval_s"):

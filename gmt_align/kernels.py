@@ -107,6 +107,8 @@ def cpp_kernels():
     """The C++ CPU kernels (built on first use), or None where disabled or not buildable."""
     if not compiled() or os.environ.get("GMT_ALIGN_CPP", "1") in ("0", "false", "False", ""):
         return None
+    if _CPP:  # loaded (or refused) already: no lock on the hot path
+        return _CPP[0]
     with _CPP_LOCK:
         if not _CPP:
             _CPP.append(_load_cpp())
