@@ -11,6 +11,7 @@ without training and lists every problem (exit status 1 if any; see :mod:`gmt_al
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,8 +33,28 @@ Any recipe field can be given or overridden on the command line, e.g.
 `gmt-align COMMAND --help` lists every field."""
 
 
+def _asks_for_deepspeed(argv: list[str]) -> bool:
+    """``--deepspeed`` on the command line, or a ``deepspeed:`` key in the ``--config`` recipe."""
+    if any(item == "--deepspeed" or item.startswith("--deepspeed=") for item in argv):
+        return True
+    for index, item in enumerate(argv):
+        path = item.split("=", 1)[1] if item.startswith("--config=") else (
+            argv[index + 1] if item == "--config" and index + 1 < len(argv) else None)
+        if path:
+            import yaml
+
+            try:
+                recipe = yaml.safe_load(open(path))
+            except (OSError, yaml.YAMLError):  # the parser says what is wrong with it
+                return False
+            return isinstance(recipe, dict) and bool(recipe.get("deepspeed"))
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from .distributed import adopt_launcher_arguments, single_process_environment
+
+    argv = adopt_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -57,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices = ", ".join((*METHODS, "validate", "report", "eval"))
         print(f"gmt-align: error: unknown command {command!r} (choose from {choices})", file=sys.stderr)
         return 2
+    if _asks_for_deepspeed(rest):  # no launcher: DeepSpeed would look for MPI; run as one rank instead
+        os.environ.update(single_process_environment())
     try:
         parsed = parse_recipe(command, rest)
     except RecipeError as error:

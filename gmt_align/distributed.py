@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AllReduce", "rank_of", "world_size_of"]
+__all__ = ["AllReduce", "adopt_launcher_arguments", "rank_of", "single_process_environment", "world_size_of"]
 
 
 class AllReduce:
@@ -68,3 +68,49 @@ def ensure_deepspeed_comm(training_args) -> None:
 
     if not comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+def adopt_launcher_arguments(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` (or ``--local-rank N``) that launchers insert.
+
+    The ``deepspeed`` launcher runs ``python -u -m MODULE --local_rank=N ARGS...`` (before the
+    subcommand), and ``torch.distributed.launch`` may too; the value also lands in ``LOCAL_RANK``,
+    which is where everything downstream reads it. Kept in ``LOCAL_RANK`` if that is unset.
+    """
+    import os
+
+    kept, index = [], 0
+    while index < len(argv):
+        item = argv[index]
+        name, _, value = item.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not value and index + 1 < len(argv):
+                index += 1
+                value = argv[index]
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            kept.append(item)
+        index += 1
+    return kept
+
+
+# Set by torchrun/accelerate/deepspeed (WORLD_SIZE) or by MPI launchers, which DeepSpeed discovers itself.
+_LAUNCHER_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def single_process_environment() -> dict[str, str]:
+    """The rendezvous variables of a one-process job, when no launcher set any (else ``{}``).
+
+    Without them ``deepspeed.init_distributed`` falls back to MPI discovery (``No module named
+    'mpi4py'``); with them, ``gmt-align sft --deepspeed ...`` runs as one rank, as under a launcher.
+    """
+    import os
+    import socket
+
+    if any(name in os.environ for name in _LAUNCHER_VARIABLES):
+        return {}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
