@@ -86,12 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
     from .adapters import UnsupportedOptimizerError
+    from .config import GMTSettingError
+    from .runs import RunFolderError
+    from .selection import NonFiniteGradientError
 
     try:
         train(command, *parsed)
-    except UnsupportedOptimizerError as error:  # raised as training starts, before any step
+    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError) as error:  # before any step
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteGradientError as error:  # every rank stops here together; no weight was written
+        print(f"gmt-align {command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,20 @@ Parameters (added to every field of the parent TRL config):
         Their optimizer state is updated as if their gradient were zero (AdamW: ``exp_avg``
         decays by ``beta1``, ``exp_avg_sq`` by ``beta2``, the step count advances).
 
+> GMT faults and resuming
+
+    gmt_nonfinite (`str`, defaults to `"raise"`):
+        A step whose gradient holds inf or NaN, in any tensor (masked or excluded), never writes
+        into the weights. ``"raise"``: every rank stops with ``NonFiniteGradientError`` (one line).
+        ``"skip"``: the step changes no weight and no optimizer state on any rank, and is counted
+        in ``gmt/skipped_steps``. fp16 loss-scale overflows are skipped by the scaler either way.
+    gmt_resume_changed_settings (`bool`, defaults to `False`):
+        Allow resuming from a checkpoint trained with other ``gmt_*`` settings (refused otherwise,
+        naming the differences); the telemetry (churn, coverage) then starts afresh.
+    overwrite_output_dir (`bool`, defaults to `False`):
+        Allow a new run in an ``output_dir`` that holds an earlier run; its checkpoints and
+        ``gmt_stats.jsonl`` are removed first. Without it such a run is refused.
+
 > GMT telemetry
 
     gmt_telemetry (`bool`, defaults to `True`):
@@ -49,13 +63,18 @@ from trl import DPOConfig, SFTConfig
 
 from .engine import MaskOptions
 
-__all__ = ["GMTArguments", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "mask_options"]
+__all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "exclude_problems", "mask_options"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
     "gmt_mode": ("gradient", "update"),
     "gmt_selection": ("magnitude", "random"),
+    "gmt_nonfinite": ("raise", "skip"),
 }
+
+
+class GMTSettingError(ValueError):
+    """A ``gmt_*`` setting that does not fit the model (one line), found once the model is built."""
 
 
 @dataclass
@@ -106,6 +125,26 @@ class GMTArguments:
                   "step); kept fractions per block and module kind are logged either way."},
     )
 
+    gmt_nonfinite: str = field(
+        default="raise",
+        metadata={
+            "help": "A step whose gradient holds inf/NaN (any tensor, masked or excluded): 'raise' stops "
+            "every rank with one line; 'skip' leaves weights and optimizer state untouched on every rank "
+            "and counts it (gmt/skipped_steps). fp16 loss-scale overflows are skipped either way.",
+            "choices": list(GMT_CHOICES["gmt_nonfinite"]),
+        },
+    )
+    gmt_resume_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint trained with other gmt_* settings (refused otherwise); "
+                  "GMT's telemetry then starts afresh."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds an earlier one: its checkpoints and "
+                  "gmt_stats.jsonl are removed first (refused otherwise)."},
+    )
+
     def validate_gmt(self) -> None:
         """Raise ``ValueError`` with a one-line message naming the first bad ``gmt_*`` field."""
         ratio = self.gmt_mask_ratio
@@ -127,8 +166,29 @@ class GMTArguments:
                 raise ValueError(f"gmt_exclude has an invalid regex {pattern!r}: {error}") from None
         if self.gmt_seed is not None and (isinstance(self.gmt_seed, bool) or not isinstance(self.gmt_seed, int)):
             raise ValueError(f"gmt_seed must be an integer or null, got {self.gmt_seed!r}")
-        if not isinstance(self.gmt_telemetry, bool):
-            raise ValueError(f"gmt_telemetry must be true or false, got {self.gmt_telemetry!r}")
+        for key in ("gmt_telemetry", "gmt_resume_changed_settings", "overwrite_output_dir"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+
+
+def exclude_problems(patterns, model) -> list[str]:
+    """``gmt_exclude`` patterns that match no parameter name of ``model`` at all, or that leave no
+    trainable parameter to mask (GMT would silently be off). A tied parameter is excluded through
+    any of its names, as the engine does."""
+    names: dict[int, list[str]] = {}
+    trainable: dict[int, bool] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        trainable[id(param)] = param.requires_grad
+    every_name = [name for group in names.values() for name in group]
+    problems = [f"gmt_exclude pattern {pattern!r} matches no parameter of the model"
+                for pattern in patterns if not any(re.search(pattern, name) for name in every_name)]
+    maskable = [key for key, group in names.items()
+                if trainable[key] and not any(re.search(p, name) for p in patterns for name in group)]
+    if patterns and any(trainable.values()) and not maskable:
+        problems.append(f"gmt_exclude {list(patterns)!r} excludes every trainable parameter: nothing would be "
+                        "masked (use gmt_mask_ratio: 0 for plain training)")
+    return problems
 
 
 def mask_options(args: GMTArguments) -> MaskOptions:
@@ -140,6 +200,7 @@ def mask_options(args: GMTArguments) -> MaskOptions:
         selection=args.gmt_selection,
         exclude=tuple(args.gmt_exclude),
         seed=args.gmt_seed if args.gmt_seed is not None else args.seed,
+        nonfinite=args.gmt_nonfinite,
     )
 
 

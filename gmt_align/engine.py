@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels import restore_masked
-from .selection import INF_BITS, Reduce, keep_count, random_chunks, select_and_mask, select_thresholds
+from .selection import (
+    INF_BITS,
+    NonFiniteGradientError,
+    Reduce,
+    keep_count,
+    random_chunks,
+    select_and_mask,
+    select_thresholds,
+)
 
 __all__ = ["Fragment", "MaskEngine", "MaskOptions", "TensorInfo", "excluded"]
 
@@ -45,6 +53,7 @@ class MaskOptions:
     selection: str = "magnitude"
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    nonfinite: str = "raise"
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,31 @@ class MaskEngine:
         self.step = -1
         self.kept_counts = torch.zeros(len(self.tensors), dtype=torch.int64)
         self.steps_since_log = 0
+
+    # --- non-finite gradients --------------------------------------------------------------------
+    def nonfinite_outside_selection(self, fragments: Sequence[Fragment]) -> None:
+        """Raise :class:`NonFiniteGradientError` (on every process together) if a gradient that the
+        selection does not read holds inf/NaN: an excluded tensor's, or any under ``random``
+        selection (its scores are not the gradient). Magnitude selection finds the others itself.
+
+        Collective when the engine has a ``reduce`` and such tensors exist: every process calls it
+        at each step call, with whatever fragments it holds.
+        """
+        unchecked = [i for i, maskable in enumerate(self.maskable)
+                     if not maskable or self.options.selection != "magnitude"]
+        if not unchecked:
+            return
+        flags = torch.zeros(len(self.tensors), dtype=torch.int64)
+        for fragment in fragments:
+            if (not self.maskable[fragment.tensor_id] or self.options.selection != "magnitude") \
+                    and fragment.grad.numel() and not bool(torch.isfinite(fragment.grad).all()):
+                flags[fragment.tensor_id] = 1
+        if self.reduce is not None:
+            flags = self.reduce(flags)
+        bad = torch.nonzero(flags).flatten().tolist()
+        if bad:
+            label = ", ".join(self.tensors[i].names[0] for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteGradientError(f"gradient has inf/NaN entries in {label}; GMT refuses to step")
 
     # --- selection and masking -----------------------------------------------------------------
     def units_of(self, tensor_ids: Sequence[int]) -> list[int]:

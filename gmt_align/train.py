@@ -92,6 +92,13 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     ):
         if problems:
             raise RecipeError(problems[0])
+    from .runs import RunFolderError, prepare_run_folder
+
+    try:  # `true` becomes the newest complete checkpoint; a reused output_dir is refused
+        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        training_args.resume_from_checkpoint = prepare_run_folder(training_args, first_on_node)
+    except RunFolderError as error:
+        raise RecipeError(str(error)) from None
     return script_args, training_args, model_args
 
 
@@ -137,9 +144,6 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     template = getattr(training_args, "chat_template_path", None)  # an SFT field
     if template and _missing(template):
         problems.append(f"chat_template_path: no such file {template}")
-    resume = training_args.resume_from_checkpoint  # a path (True, from a YAML `true`, is left to the Trainer)
-    if isinstance(resume, str) and resume and not Path(resume).expanduser().is_dir():
-        problems.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
     return problems
 
 

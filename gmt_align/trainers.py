@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOTrainer, SFTTrainer
 
 from .adapters import attach
-from .config import GMTArguments, mask_options
+from .config import GMTArguments, GMTSettingError, exclude_problems, mask_options
 from .distributed import rank_of, world_size_of
 from .report import STATS_FILE
+from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder, saved_record
+from .selection import NonFiniteGradientError
 from .telemetry import MaskTelemetry, append_jsonl
 
 
@@ -48,6 +50,19 @@ class _AttachGMT(TrainerCallback):
                 trainer.mask_telemetry.load_state_dict(torch.load(path), world_size_of())
             if why:
                 warnings.warn(f"GMT coverage starts afresh at step {state.global_step}: {why}", stacklevel=2)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """A step that ZeRO skipped for a non-finite gradient norm (fp32/bf16): the same rule as
+        GMT's own check, on every rank (DeepSpeed's overflow flag is already reduced)."""
+        if not self.trainer.gmt.backend_overflowed():
+            return
+        if args.gmt_nonfinite == "skip":
+            self.trainer.gmt.skipped_steps.add(state.global_step - 1)
+            return
+        raise NonFiniteGradientError(
+            f"step {state.global_step}: the gradient norm is inf/NaN and DeepSpeed skipped the step; "
+            "GMT refuses to go on (gmt_nonfinite: skip would skip such steps)"
+        )
 
     def on_save(self, args, state, control, **kwargs):
         telemetry = self.trainer.mask_telemetry
@@ -84,17 +99,32 @@ class _GMTMixin:
                 f"got {type(config).__name__}"
             )
         parent_init(model, *args, **kwargs)
+        self.gmt_record = GMTRunRecord()
+        self.add_callback(self.gmt_record)
         if self.args.gmt_mask_ratio > 0:
+            problems = exclude_problems(self.args.gmt_exclude, self.model)
+            if problems:
+                raise GMTSettingError(problems[0])
             self.add_callback(_AttachGMT(self))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        if resume_from_checkpoint is True:  # as the Trainer resolves it
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self._gmt_resume = resume_from_checkpoint or None
+        """As the Trainer's, after :func:`gmt_align.runs.prepare_run_folder`: ``True`` means the newest
+        complete checkpoint, other ``gmt_*`` settings are refused, a folder holding another run too."""
+        self.args.resume_from_checkpoint = resume_from_checkpoint
+        resume_from_checkpoint = prepare_run_folder(self.args, first_on_node=self.args.local_process_index == 0)
+        record = saved_record(resume_from_checkpoint) if resume_from_checkpoint else None
+        if record and record.get("run_id"):
+            self.gmt_record.run_id = record["run_id"]  # a resumed run is the same run
+        # Telemetry (coverage) continues only under the settings it was gathered with (a change got
+        # this far only with gmt_resume_changed_settings).
+        changed = bool(resume_from_checkpoint and check_resume_settings(resume_from_checkpoint, self.args))
+        self._gmt_resume = None if changed else resume_from_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         self._gmt_by_block = []
+        if self.gmt is not None and self.gmt.skipped_steps and "loss" in logs:
+            logs["gmt/skipped_steps"] = len(self.gmt.skipped_steps)  # the same set on every rank
         if self.mask_telemetry is not None and "loss" in logs:  # collective: every rank logs
             stats, self._gmt_by_block = self.mask_telemetry.pop_stats()
             logs.update(stats)

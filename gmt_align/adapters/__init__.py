@@ -18,6 +18,7 @@ from .torch_optimizer import torch_partitions
 from .zero import (
     UnsupportedOptimizerError,
     hp_mapping_partitions,
+    overflow_flag,
     refuse_unmappable,
     zero3_partitions,
     zero3_republish,
@@ -45,15 +46,17 @@ def attach(
     params, tensors = tensor_table(model)
     tensor_id = {id(p): i for i, p in enumerate(params)}
     kind = type(inner).__name__
-    reduce = republish = None
+    reduce = republish = overflowed = None
     if type(inner).__module__.startswith("deepspeed"):
         refuse_unmappable(inner)
         if kind == "DeepSpeedZeroOptimizer":  # ZeRO-1 and ZeRO-2, offload or not
             partitions = hp_mapping_partitions(inner.single_partition_of_fp32_groups, inner.bit16_groups, tensor_id)
             steppers, republish = [inner.optimizer], zero12_republish(inner, rank_of(inner.dp_process_group))
+            overflowed = overflow_flag(inner)
         elif kind == "DeepSpeedZeroOptimizer_Stage3":
             partitions = zero3_partitions(inner, tensor_id, rank_of(inner.dp_process_group))
             steppers, republish = [inner.optimizer], zero3_republish(inner)
+            overflowed = overflow_flag(inner)
             if getattr(inner, "backup_optimizer", None) is not None:  # partial offload
                 steppers.append(inner.backup_optimizer)
         elif kind == "BF16_Optimizer":
@@ -68,4 +71,4 @@ def attach(
         raise UnsupportedOptimizerError(f"GMT cannot mask inside {kind}")
 
     engine = MaskEngine(options, tensors, reduce)
-    return HookAdapter(steppers, partitions, engine, current_step, republish)
+    return HookAdapter(steppers, partitions, engine, current_step, republish, overflowed)

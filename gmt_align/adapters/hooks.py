@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Fragment, MaskEngine, TensorInfo
+from ..selection import NonFiniteGradientError
 
 __all__ = ["HookAdapter", "Partition", "Piece", "tensor_table"]
 
@@ -97,8 +98,11 @@ class HookAdapter:
         engine: MaskEngine,
         current_step: Callable[[], int],
         republish: Callable[[torch.Tensor], None] | None = None,
+        overflowed: Callable[[], bool] | None = None,
     ):
         self.partitions = partitions
+        # True after a step that the backend itself skipped for a non-finite gradient norm (ZeRO).
+        self.backend_overflowed = overflowed or (lambda: False)
         self.engine = engine
         self.current_step = current_step
         self.republish = republish
@@ -111,6 +115,7 @@ class HookAdapter:
         self._held_now: list[tuple[dict, list]] = []
         self._replaying = False
         self._fragments: list[Fragment] = []
+        self.skipped_steps: set[int] = set()  # steps skipped for inf/NaN gradients (gmt_nonfinite: skip)
         self._handles = []
         for optimizer in optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
@@ -148,14 +153,31 @@ class HookAdapter:
                 return
         flats = stepped + [flat for held in self._held for flat in held.flats]
         units = self.engine.units_of([t for flat in flats for t in self.partitions[id(flat)].tensors])
-        if not units:  # only excluded tensors here (the same on every rank): nothing to select
-            return
         fragments = self.fragments(stepped)
         held_fragments = [self.fragments(held.flats, held.grads) for held in self._held]
         everything = fragments + [f for group in held_fragments for f in group]
-        self.engine.apply(everything, self.current_step(), units)
+        try:
+            self.engine.nonfinite_outside_selection(everything)
+            if units:  # else only excluded tensors here (the same on every rank): nothing to select
+                self.engine.apply(everything, self.current_step(), units)
+        except NonFiniteGradientError as error:  # raised on every rank together, before any write
+            if self.engine.options.nonfinite != "skip":
+                raise NonFiniteGradientError(f"step {self.current_step() + 1}: {error} (gmt_nonfinite: skip "
+                                             "would skip such steps)") from None
+            self._skip(optimizer, stepped)
+            return
         self._replay_held(held_fragments)
         self._fragments = fragments
+
+    def _skip(self, optimizer, stepped) -> None:
+        """Make this step a no-op on this rank (every rank takes the same decision): the held
+        partitions are dropped unstepped, and this one's inner step finds nothing to update."""
+        self.skipped_steps.add(self.current_step())
+        self._held = []
+        skipped = {id(p) for p in stepped}
+        self._held_now = [(group, list(group["params"])) for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in skipped]
 
     def _hold(self, optimizer, stepped) -> None:
         if self.republish is None:

@@ -25,6 +25,7 @@ __all__ = [
     "REFUSALS",
     "UnsupportedOptimizerError",
     "hp_mapping_partitions",
+    "overflow_flag",
     "refuse_unmappable",
     "zero3_partitions",
     "zero3_republish",
@@ -35,10 +36,10 @@ CONTRACT = {
     # optimizer class -> private attributes this module reads (tests/test_zero.py checks them on real
     # instances, so a DeepSpeed upgrade that renames one fails loudly instead of masking wrongly).
     "DeepSpeedZeroOptimizer": ("optimizer", "dp_process_group", "single_partition_of_fp32_groups", "bit16_groups",
-                               "round_robin_gradients", "parallel_partitioned_bit16_groups"),
+                               "round_robin_gradients", "parallel_partitioned_bit16_groups", "overflow", "dtype"),
     "DeepSpeedZeroOptimizer_Stage3": ("optimizer", "dp_process_group", "fp32_partitioned_groups_flat", "fp16_groups",
                                       "grad_position", "get_param_id", "swap_optimizer",
-                                      "_reassign_or_swap_out_partitioned_parameters"),
+                                      "_reassign_or_swap_out_partitioned_parameters", "overflow", "dtype"),
     "BF16_Optimizer": ("optimizer", "dp_process_group", "fp32_groups_flat_partition", "bf16_groups"),
     "_hp_mapping": ("hp_fragment_address", "lp_fragment_address"),
 }
@@ -132,3 +133,12 @@ def zero3_republish(zero_optimizer):
         zero_optimizer._reassign_or_swap_out_partitioned_parameters(sub_group_of[id(flat)])
 
     return republish
+
+
+def overflow_flag(zero_optimizer):
+    """ZeRO-1/2/3 in fp32 or bf16: a callable telling whether the last step was skipped because the
+    gradient norm was inf/NaN (DeepSpeed then skips every group on every rank, before GMT's hooks
+    run). ``None`` under fp16, where a skipped overflow step is the loss scaler's normal work."""
+    if zero_optimizer.dtype == torch.float16:
+        return None
+    return lambda: bool(zero_optimizer.overflow)
