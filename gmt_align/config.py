@@ -63,7 +63,8 @@ from trl import DPOConfig, SFTConfig
 
 from .engine import MaskOptions
 
-__all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "exclude_problems", "mask_options"]
+__all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "exclude_problems",
+           "exclude_problems_from_config", "mask_options"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
@@ -189,6 +190,23 @@ def exclude_problems(patterns, model) -> list[str]:
         problems.append(f"gmt_exclude {list(patterns)!r} excludes every trainable parameter: nothing would be "
                         "masked (use gmt_mask_ratio: 0 for plain training)")
     return problems
+
+
+def exclude_problems_from_config(patterns, model_name_or_path: str, **config_kwargs) -> list[str]:
+    """:func:`exclude_problems` before any weight loads: the model is built from its config on the
+    meta device (no memory, no weights). ``[]`` when the config cannot be read offline."""
+    if not patterns:
+        return []
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError):  # a hub id without network, or an unknown architecture
+        return []
+    return exclude_problems(patterns, model)
 
 
 def mask_options(args: GMTArguments) -> MaskOptions:
