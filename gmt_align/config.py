@@ -131,6 +131,16 @@ class GMTArguments:
             raise ValueError(f"gmt_telemetry must be true or false, got {self.gmt_telemetry!r}")
 
 
+def refuse_bf16_without_device(args) -> None:
+    """TRL's configs default to bf16; transformers then stops with "Your setup doesn't support
+    bf16/gpu" on a machine without one. Say it in gmt-align's words, naming the fix."""
+    from .environment import bf16_problem
+
+    problem = bf16_problem(args.bf16, args.fp16, args.use_cpu)
+    if problem:
+        raise ValueError(problem)
+
+
 def mask_options(args: GMTArguments) -> MaskOptions:
     """The engine's view of the ``gmt_*`` fields of a config."""
     return MaskOptions(
@@ -149,6 +159,7 @@ class GMTSFTConfig(GMTArguments, SFTConfig):
 
     def __post_init__(self):
         self.validate_gmt()
+        refuse_bf16_without_device(self)
         super().__post_init__()
 
 
@@ -158,4 +169,5 @@ class GMTDPOConfig(GMTArguments, DPOConfig):
 
     def __post_init__(self):
         self.validate_gmt()
+        refuse_bf16_without_device(self)
         super().__post_init__()

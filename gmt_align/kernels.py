@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BLOCK", "compiled", "count_at_least", "cpp_kernels", "mask_and_flag", "mask_candidates",
-           "restore_masked"]
+__all__ = ["BLOCK", "compiled", "count_at_least", "cpp_build_directory", "cpp_built", "cpp_capability", "cpp_kernels",
+           "mask_and_flag", "mask_candidates", "restore_masked"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +115,41 @@ def cpp_kernels():
     return _CPP[0]
 
 
+def cpp_capability() -> str:
+    """The instruction set the C++ kernels are built for (GMT_ALIGN_CPU_CAPABILITY: AVX512, AVX2,
+    DEFAULT builds for less than this CPU has)."""
+    return os.environ.get("GMT_ALIGN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+
+
+def _cpp_name() -> str:
+    return f"gmt_align_cpu_{cpp_capability().lower()}"
+
+
+def cpp_build_directory() -> str:
+    """Where torch's JIT builds (and finds) the C++ kernels: under TORCH_EXTENSIONS_DIR if set."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(_cpp_name(), verbose=False)
+
+
+def cpp_built() -> bool:
+    from pathlib import Path
+
+    return any(Path(cpp_build_directory()).glob("*.so"))
+
+
 def _load_cpp():
     try:
+        import sys
         from pathlib import Path
 
         from torch.utils.cpp_extension import load
 
-        # GMT_ALIGN_CPU_CAPABILITY (AVX512, AVX2, DEFAULT) builds for less than this CPU has
-        capability = os.environ.get("GMT_ALIGN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-        return load(name=f"gmt_align_cpu_{capability.lower()}",
-                    sources=[str(Path(__file__).with_name("csrc") / "gmt_cpu.cpp")],
-                    extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(capability, [])])
+        if not cpp_built() and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, not per rank
+            print(f"gmt-align: building the C++ CPU kernels once (~30 s) into {cpp_build_directory()}",
+                  file=sys.stderr, flush=True)
+        return load(name=_cpp_name(), sources=[str(Path(__file__).with_name("csrc") / "gmt_cpu.cpp")],
+                    extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(cpp_capability(), [])])
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: the torch.compile kernels
         logger.warning("gmt-align: the C++ CPU kernels could not be built (%s); using torch.compile",
                        str(error).splitlines()[0] if str(error) else type(error).__name__)
