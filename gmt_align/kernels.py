@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -97,6 +98,7 @@ def _run(name: str, *args):
 
 _CPP: list = []  # [module or None], once loaded or refused
 _CPP_LOCK = threading.Lock()
+_CPP_SOURCE = Path(__file__).with_name("csrc") / "gmt_cpu.cpp"
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -133,22 +135,28 @@ def cpp_build_directory() -> str:
 
 
 def cpp_built() -> bool:
-    from pathlib import Path
-
-    return any(Path(cpp_build_directory()).glob("*.so"))
+    """Whether loading the C++ kernels will not compile them: torch's JIT runs ninja, which rebuilds
+    when the module is missing, when build.ninja names another copy of the source (another checkout
+    sharing TORCH_EXTENSIONS_DIR), or when the source is newer than the module."""
+    build, source = Path(cpp_build_directory()), _CPP_SOURCE
+    module, ninja = build / f"{_cpp_name()}.so", build / "build.ninja"
+    try:
+        return (module.stat().st_mtime >= source.stat().st_mtime
+                and f"compile {source}" in ninja.read_text())
+    except OSError:
+        return False
 
 
 def _load_cpp():
     try:
         import sys
-        from pathlib import Path
 
         from torch.utils.cpp_extension import load
 
         if not cpp_built() and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, not per rank
             print(f"gmt-align: building the C++ CPU kernels once (~30 s) into {cpp_build_directory()}",
                   file=sys.stderr, flush=True)
-        return load(name=_cpp_name(), sources=[str(Path(__file__).with_name("csrc") / "gmt_cpu.cpp")],
+        return load(name=_cpp_name(), sources=[str(_CPP_SOURCE)],
                     extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(cpp_capability(), [])])
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: the torch.compile kernels
         logger.warning("gmt-align: the C++ CPU kernels could not be built (%s); using torch.compile",
