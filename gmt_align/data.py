@@ -79,6 +79,7 @@ def data_source_problems(script_args, training_args) -> list[str]:
     """What the recipe says about its data that cannot work, one line each, without reading any data."""
     problems = []
     name, mixture = option_value(script_args, "dataset_name"), option_value(script_args, "datasets") or []
+    mixture = mixture if isinstance(mixture, list) else []  # not a list: the parser says so
     if not name and not mixture:
         problems.append("dataset_name or datasets is required (a hub dataset, a local .json/.jsonl/.parquet "
                         "file, or TRL's mixture of datasets)")

@@ -74,16 +74,16 @@ def check_rows(dataset, method: str, script_args, training_args, where: str):
         if column in ("messages", "conversations") and pa.types.is_string(values.type):
             raise DataError(f"{where}: {column!r} must be a list of {{role, content}} turns, but holds text "
                             f"(row {_row(where, 0)}); plain text goes in a 'text' column")
-        bad = pc.is_null(values)
-        what = "no"
-        if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
-            empty = pc.equal(pc.list_value_length(values), 0)
-            bad = pc.or_(bad, pc.fill_null(empty, False))
-            what = "no (or an empty)"
+        missing = pc.is_null(values)
+        bad = missing
+        if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):  # a conversation with no turn
+            bad = pc.or_(missing, pc.fill_null(pc.equal(pc.list_value_length(values), 0), False))
         first = pc.index(bad, True).as_py()
         if first >= 0:
+            count = pc.sum(bad).as_py()
+            what = "no" if missing[first].as_py() else "an empty"
             raise DataError(f"{where} row {_row(where, first)}: {what} {column!r}"
-                            + (f" ({int(pc.sum(bad).as_py())} such rows)" if pc.sum(bad).as_py() > 1 else ""))
+                            + (f" ({count} such rows)" if count > 1 else ""))
     return dataset
 
 

@@ -121,9 +121,10 @@ def kernel_plan() -> list[tuple[str, str]]:
         built = kernels.cpp_build_directory()
         state = f"built in {built}" if kernels.cpp_built() else f"built on first use into {built} (~30 s)"
         plan.append(("fp32 on the CPU", f"C++ ({kernels.cpp_capability()}, {state})"))
-    triton = installed("triton")
-    plan.append(("GPU, bf16 and fp16", "torch.compile (Inductor" + (", Triton on GPUs)" if triton else
-                                                                   "; no Triton: eager ops on GPUs)")))
+    plan.append(("bf16 and fp16 on the CPU", "torch.compile (Inductor)"))
+    if _cuda():
+        plan.append(("on the GPU", "torch.compile (Triton)" if installed("triton") else
+                     "eager torch ops (no Triton for torch.compile)"))
     return plan
 
 
@@ -138,7 +139,7 @@ def report() -> list[str]:
     else:
         why = "CUDA_VISIBLE_DEVICES is empty" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else (
             "CPU-only torch build" if torch.version.cuda is None else "no CUDA device visible")
-        gpu = f"none ({why}): training runs on the CPU; bf16 needs --use_cpu true or --bf16 false"
+        gpu = f"none ({why}): training runs on the CPU, where TRL's default bf16 is refused: --bf16 false"
     lines = [f"gmt-align {__version__}",
              f"- Platform: {platform.platform()}", f"- Python: {platform.python_version()}",
              f"- GPU: {gpu}"]

