@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
-       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--field value ...]
+       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--here] [--field value ...]
        gmt-align report OUTPUT_DIR [--out DIR]
        gmt-align eval --model DIR --task TASK [--n N] [--seed S] [--batch_size B] [--max_new_tokens M] [--output FILE]
        gmt-align env | --version

@@ -49,7 +49,7 @@ from trl import DPOConfig, SFTConfig
 
 from .engine import MaskOptions
 
-__all__ = ["GMTArguments", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "mask_options"]
+__all__ = ["GMTArguments", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "mask_options", "refuse_bf16_without_device"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
@@ -155,7 +155,8 @@ def mask_options(args: GMTArguments) -> MaskOptions:
 
 @dataclass
 class GMTSFTConfig(GMTArguments, SFTConfig):
-    """``trl.SFTConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`."""
+    """``trl.SFTConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`. TRL's default
+    ``bf16=True`` on a machine without a bf16 device is refused, naming ``bf16=False``."""
 
     def __post_init__(self):
         self.validate_gmt()
@@ -165,7 +166,8 @@ class GMTSFTConfig(GMTArguments, SFTConfig):
 
 @dataclass
 class GMTDPOConfig(GMTArguments, DPOConfig):
-    """``trl.DPOConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`."""
+    """``trl.DPOConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config` (bf16: as
+    :class:`GMTSFTConfig`)."""
 
     def __post_init__(self):
         self.validate_gmt()
