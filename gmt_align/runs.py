@@ -122,7 +122,7 @@ def complete_checkpoint(checkpoint: Path) -> str | None:
 def resolve_resume(resume, output_dir: str) -> str | None:
     """``resume_from_checkpoint`` as a checkpoint path (or ``None``): ``true`` (also the command
     line's ``"true"``) means the newest complete checkpoint of ``output_dir``."""
-    if isinstance(resume, str) and resume.strip().lower() in ("true", "yes", "1", "false", "no", "0", ""):
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
         resume = resume.strip().lower() in ("true", "yes", "1")
     if resume is False or resume is None:
         return None

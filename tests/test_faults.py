@@ -232,3 +232,15 @@ def test_a_diverging_zero2_run_stops_every_rank_with_one_line(quickstart_files, 
     assert not (tmp_path / "model.safetensors").exists()
     first = load_file(str(smollm2_dir / "model.safetensors"))
     assert first  # the base model is untouched by the failed run (it never saves)
+
+
+def test_ignore_bias_buffers_is_applied_as_trl_dpo_applies_it():
+    """TRL's ScriptArguments field is honoured, not accepted and dropped: boolean buffers are left out
+    of DDP's synchronisation (``_ddp_params_and_buffers_to_ignore``)."""
+    from gmt_align.train import ignore_bool_buffers
+
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("causal_mask", torch.ones(2, 2, dtype=torch.bool))
+    model.register_buffer("scale", torch.ones(2))
+    assert ignore_bool_buffers(model) == ["causal_mask"]
+    assert model._ddp_params_and_buffers_to_ignore == ["causal_mask"]
