@@ -320,7 +320,8 @@ def test_resume_continues_the_run_and_its_coverage(wandb_run, tokenizer, tmp_pat
 
 
 # --- 2 real ranks (DeepSpeed ZeRO-2) against 1 process --------------------------------------------------
-THREE_STEPS = ["--max_steps", "3", "--gmt_mask_ratio", "0.3"]
+# Global granularity: the per-group kept fractions vary there, and are reduced like every other sum.
+THREE_STEPS = ["--max_steps", "3", "--gmt_mask_ratio", "0.3", "--gmt_granularity", "global"]
 
 
 @pytest.fixture(scope="module")
@@ -335,20 +336,22 @@ def quickstart_stats(smollm2_dir, tmp_path_factory):
 def test_two_zero2_ranks_report_the_single_process_figures(quickstart_stats):
     """Same global batch. The masks may differ in a few entries whose gradients sit at the threshold,
     because ZeRO sums the two micro-batch gradients in another order than one process (rounding):
-    fractions agree to 1e-5 (measured: <= 5e-7) and thresholds to 1e-3 relative (measured: <= 4e-5)."""
+    fractions agree to 1e-5 (measured: <= 5e-7) and the threshold to 1e-3 relative (measured: <= 4e-5)."""
     one, two = quickstart_stats
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    differences = {}
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
-        assert sum(key.startswith("gmt/kept_fraction/block_") for key in a) == 30
-        assert b["gmt/kept_fraction/block_29"] > 0
+        blocks = [a[f"gmt/kept_fraction/block_{n:02d}"] for n in range(30)]
+        assert max(blocks) - min(blocks) > 0.01  # one global threshold: blocks keep different shares
         for key, value in a.items():
             if key.startswith("gmt/threshold"):
                 assert b[key] == pytest.approx(value, rel=1e-3), key
-            elif key == "gmt/kept_fraction_by_block":
-                assert b[key] == pytest.approx(value, abs=1e-5)
-            else:
+            elif key.startswith("gmt/"):
+                differences[key] = max(differences.get(key, 0), abs(b[key] - value))
                 assert b[key] == pytest.approx(value, abs=1e-5), key
+        assert a["gmt/kept_fraction"] < a["gmt/retained_energy"] < 1
+    print("largest 2-rank vs 1-process difference:", max(differences.values()), max(differences, key=differences.get))
     assert "gmt/churn" not in one[0] and 0 < one[2]["gmt/churn"] < 1
     assert one[0]["gmt/coverage"] == pytest.approx(one[0]["gmt/kept_fraction"], abs=1e-12)  # one step so far
     assert one[0]["gmt/coverage"] < one[1]["gmt/coverage"] < one[2]["gmt/coverage"]
