@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from itertools import accumulate
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .engine import Fragment, MaskEngine
@@ -35,22 +36,29 @@ __all__ = ["MaskTelemetry", "TelemetryStateError", "pack_bits", "popcount", "rea
 CHUNK = 1 << 20  # entries packed per pass: bounds the scratch memory; a multiple of 64
 ROW = 1024  # entries per float32 partial sum of squares (the partial sums add up in float64)
 _BYTES_TO_BITS = 0x0102040810204080  # gathers the low bit of 8 bytes into the top byte (little-endian)
+_bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor of a multiple of 64 entries as int64 words, 64 entries per word.
+    """A bool tensor of a multiple of 64 entries as int64 words, 64 entries per word (entry i of a
+    word is bit i, little-endian: the same on every device).
 
-    The bools are read 8 at a time as one int64 (one byte each, 0 or 1); one multiplication moves
-    their low bits into the top byte. The multiplication wraps modulo 2^64, as torch integer
-    arithmetic does; the bit order only has to agree with itself.
+    On the CPU, numpy's packbits (SIMD; 4-7x the torch code below). Elsewhere the bools are read 8
+    at a time as one int64 (one byte each, 0 or 1) and one multiplication moves their low bits into
+    the top byte; it wraps modulo 2^64, as torch integer arithmetic does.
     """
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little")).view(torch.int64)
     eight = mask.view(torch.uint8).view(torch.int64)
     return ((eight * _BYTES_TO_BITS) >> 56).to(torch.uint8).view(torch.int64)
 
 
 def popcounts(words: torch.Tensor) -> torch.Tensor:
-    """Set bits of each int64 word (SWAR; the masks make arithmetic shifts harmless, and the count,
-    at most 64, sits in the top byte without the sign bit)."""
+    """Set bits of each int64 word. On the CPU numpy's bitwise_count (numpy >= 2; 8x); elsewhere
+    SWAR, where the masks make arithmetic shifts harmless and the count, at most 64, sits in the
+    top byte without the sign bit."""
+    if words.device.type == "cpu" and _bitwise_count is not None:
+        return torch.from_numpy(_bitwise_count(words.numpy().view(np.uint64)))  # of |x| if signed
     x = words - ((words >> 1) & 0x5555555555555555)
     x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
@@ -59,7 +67,7 @@ def popcounts(words: torch.Tensor) -> torch.Tensor:
 
 def popcount(words: torch.Tensor) -> int:
     """Number of set bits in int64 words."""
-    return int(popcounts(words).sum())
+    return int(popcounts(words).sum(dtype=torch.int64))
 
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -281,6 +289,7 @@ class _Layout:
             ends = [-(-(dst + stop - src) // 64) - 1 for _, src, stop, dst in copies]
             self.ends.append(torch.tensor(ends, dtype=torch.int64, device=device))
             self.owners.append(torch.tensor([key[index][0] for index, *_ in copies], dtype=torch.int64, device=device))
+        self.copies_owner = [key[copies[0][0]][0] if copies else -1 for copies in self.copies]
         self.restored = saved is not None and saved[0].numel() == total // 64
         if self.restored:
             self.previous, self.covered = (s.to(device) for s in saved)
@@ -290,7 +299,9 @@ class _Layout:
 
     def add_per_tensor(self, chunk: int, counts: torch.Tensor, into: torch.Tensor) -> None:
         """Add the chunk's per-word ``counts`` to ``into[tensor]``, summed per piece."""
-        if not self.copies[chunk]:
+        if len(self.copies[chunk]) <= 1:  # most chunks lie inside one big tensor
+            if self.copies[chunk]:
+                into[self.copies_owner[chunk]] += counts.sum(dtype=torch.int64).to(into.dtype)
             return
         totals = counts.cumsum(0)[self.ends[chunk]]
         into.index_add_(0, self.owners[chunk], torch.diff(totals, prepend=totals.new_zeros(1)).to(into.dtype))
