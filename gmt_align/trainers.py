@@ -59,7 +59,8 @@ def telemetry_file(checkpoint: str | Path) -> Path:
 def start_telemetry(trainer, args, state, restart: bool = False) -> None:
     """Telemetry for this run: the per-entry state saved with the checkpoint training resumes from
     (unless ``restart``: coverage then starts afresh) and, on rank 0, ``gmt_stats.jsonl`` tied to
-    the run (:func:`gmt_align.stats_file.continue_run`).
+    the run (:func:`gmt_align.stats_file.continue_run`), in that order, so that nothing is written
+    when a state file cannot be read.
 
     Collective: every rank learns whether any could not go on, so they raise (an unreadable file:
     :class:`TelemetryStateError`) or start coverage afresh (state missing on a rank, or saved with
@@ -67,25 +68,38 @@ def start_telemetry(trainer, args, state, restart: bool = False) -> None:
     """
     telemetry = trainer.mask_telemetry = MaskTelemetry(trainer.gmt.engine, per_entry=args.gmt_telemetry)
     resume = trainer._gmt_resume
-    problem, afresh = None, None
-    try:
+    afresh = None
+
+    def restore():
+        nonlocal afresh
         if resume and args.gmt_telemetry:
             path = telemetry_file(resume)
             afresh = ("coverage restart requested" if restart else f"no {path.name} in {resume}" if not path.is_file()
                       else telemetry.load_state_dict(read_state(path), world_size_of()))
+
+    def tie_stats_file():
         if state.is_world_process_zero:
             saved = read_run_id(resume) if resume else None
             trainer._gmt_run_id = continue_run(Path(args.output_dir) / STATS_FILE, saved,
                                                state.global_step if resume else None)
-    except TelemetryStateError as error:
-        problem = error
-    failed, fresh = AllReduce()(torch.tensor([problem is not None, afresh is not None], dtype=torch.int64)).tolist()
-    if failed:
-        raise problem or TelemetryStateError("GMT telemetry could not continue on another rank (see its error)")
-    if fresh:
+
+    _on_every_rank(restore)
+    _on_every_rank(tie_stats_file)
+    if AllReduce()(torch.tensor([afresh is not None], dtype=torch.int64)).item():
         telemetry.pending = {}
         warnings.warn(f"GMT coverage starts afresh at step {state.global_step}: "
                       f"{afresh or 'another rank holds no telemetry state'}", stacklevel=2)
+
+
+def _on_every_rank(step) -> None:
+    """Run ``step``; if it raised :class:`TelemetryStateError` on any rank, raise on every rank."""
+    problem = None
+    try:
+        step()
+    except TelemetryStateError as error:
+        problem = error
+    if AllReduce()(torch.tensor([problem is not None], dtype=torch.int64)).item():
+        raise problem or TelemetryStateError("GMT telemetry could not continue on another rank (see its error)")
 
 
 def save_telemetry(trainer, args, state) -> None:
