@@ -41,24 +41,32 @@ _bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor of a multiple of 64 entries as int64 words, 64 entries per word (entry i of a
-    word is bit i, little-endian: the same on every device).
-
-    On the CPU, numpy's packbits (SIMD; 4-7x the torch code below). Elsewhere the bools are read 8
-    at a time as one int64 (one byte each, 0 or 1) and one multiplication moves their low bits into
-    the top byte; it wraps modulo 2^64, as torch integer arithmetic does.
-    """
+    word is bit i, little-endian: the same on every device). On the CPU numpy's packbits (SIMD,
+    4-7x :func:`pack_bits_torch`)."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.packbits(mask.numpy(), bitorder="little")).view(torch.int64)
+    return pack_bits_torch(mask)
+
+
+def pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_bits` on any device: the bools are read 8 at a time as one int64 (one byte each,
+    0 or 1) and one multiplication moves their low bits into the top byte; it wraps modulo 2^64, as
+    torch integer arithmetic does."""
     eight = mask.view(torch.uint8).view(torch.int64)
     return ((eight * _BYTES_TO_BITS) >> 56).to(torch.uint8).view(torch.int64)
 
 
 def popcounts(words: torch.Tensor) -> torch.Tensor:
-    """Set bits of each int64 word. On the CPU numpy's bitwise_count (numpy >= 2; 8x); elsewhere
-    SWAR, where the masks make arithmetic shifts harmless and the count, at most 64, sits in the
-    top byte without the sign bit."""
+    """Set bits of each int64 word. On the CPU numpy's bitwise_count (numpy >= 2; 8x
+    :func:`popcounts_torch`)."""
     if words.device.type == "cpu" and _bitwise_count is not None:
         return torch.from_numpy(_bitwise_count(words.numpy().view(np.uint64)))  # of |x| if signed
+    return popcounts_torch(words)
+
+
+def popcounts_torch(words: torch.Tensor) -> torch.Tensor:
+    """:func:`popcounts` on any device (SWAR): the masks make arithmetic shifts harmless, and the
+    count, at most 64, sits in the top byte without the sign bit."""
     x = words - ((words >> 1) & 0x5555555555555555)
     x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
