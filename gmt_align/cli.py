@@ -110,6 +110,7 @@ def _run(command: str, rest: list[str]) -> int:
     from .config import GMTSettingError
     from .runs import RunFolderError
     from .selection import NonFiniteGradientError
+    from .stats_file import TelemetryStateError
     from .train import DataError, RecipeError, parse_recipe, train
 
     try:
@@ -119,7 +120,8 @@ def _run(command: str, rest: list[str]) -> int:
         return 2
     try:
         train(command, *parsed)
-    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError) as error:  # before any step
+    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError, TelemetryStateError) as error:
+        # all raised before the first step
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as error:  # every rank stops here together; no weight was written

@@ -15,6 +15,7 @@ from gmt_align.cli import main as cli_main
 from gmt_align.config import GMTSettingError
 from gmt_align.runs import RunFolderError, complete_checkpoint, prepare_run_folder, saved_record
 from gmt_align.selection import NonFiniteGradientError
+from gmt_align.stats_file import read_run_id
 from multirank.launch import run_ranks
 from quickstart_runs import recipe_argv
 from test_trainers import COMMON, sft_data, tiny_llama
@@ -96,7 +97,7 @@ def test_opted_in_resume_under_new_settings_restarts_telemetry(tokenizer, checkp
     assert resumed.state.global_step == 3
     assert resumed._gmt_resume is None  # coverage gathered under 0.2 is not carried on under 0.5
     assert saved_record(run / "checkpoint-3")["settings"]["gmt_mask_ratio"] == 0.5
-    assert saved_record(run / "checkpoint-3")["run_id"] == saved_record(run / "checkpoint-2")["run_id"]
+    assert read_run_id(run / "checkpoint-3") == read_run_id(run / "checkpoint-2")  # the same run goes on
 
 
 def test_resume_true_from_the_command_line_takes_the_newest_complete_checkpoint(quickstart_files, checkpointed,
