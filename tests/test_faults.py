@@ -95,7 +95,8 @@ def test_opted_in_resume_under_new_settings_restarts_telemetry(tokenizer, checkp
         warnings.simplefilter("always")
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3
-    assert resumed._gmt_resume is None  # coverage gathered under 0.2 is not carried on under 0.5
+    assert resumed._gmt_restart_telemetry  # coverage gathered under 0.2 is not carried on under 0.5
+    assert any("GMT coverage starts afresh at step 2: coverage restart requested" in str(w.message) for w in caught)
     assert saved_record(run / "checkpoint-3")["settings"]["gmt_mask_ratio"] == 0.5
     assert read_run_id(run / "checkpoint-3") == read_run_id(run / "checkpoint-2")  # the same run goes on
 
