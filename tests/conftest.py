@@ -35,13 +35,15 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def zero2_reference(smollm2_dir, tmp_path_factory):
-    """The 1-node, 2-process ZeRO-2 run that the multi-node and checkpoint tests compare with: two GMT
-    steps, a DeepSpeed checkpoint after each. Shared: each such run costs about 30 s on 2 cores."""
+    """The 1-node, 2-process ZeRO-2 run that the multi-node and checkpoint tests compare with, started
+    by the README's ``deepspeed --num_gpus 2`` line: two GMT steps, a DeepSpeed checkpoint after each.
+    Shared: each such run costs 30-90 s on 2 cores."""
     from gmt_align.quickstart import prepare_quickstart
-    from quickstart_runs import SAVE_EACH_STEP, TWO_STEPS, run_recipe
+    from launchers import launch
+    from quickstart_runs import SAVE_EACH_STEP, TWO_STEPS
 
     prepare_quickstart(REPO_ROOT / ".cache" / "quickstart")
     out = tmp_path_factory.mktemp("zero2_reference")
-    stdout = run_recipe("sft", out, *TWO_STEPS, *SAVE_EACH_STEP, deepspeed="zero2", ranks=2)
+    (stdout,) = launch("deepspeed", out, *TWO_STEPS, *SAVE_EACH_STEP)
     yield out, stdout
     shutil.rmtree(out, ignore_errors=True)  # about 6 GB of checkpoints

@@ -1,4 +1,5 @@
-"""Run the quickstart recipes as users do (1 process, or 2 ranks under DeepSpeed) and read the results."""
+"""Run the quickstart recipes (1 process, or 2 ranks started directly) and read the results; the
+README's launcher lines run through launchers.launch."""
 
 import os
 import subprocess
@@ -9,25 +10,27 @@ import torch
 from safetensors.torch import load_file
 
 from gmt_align.selection import keep_count
-from multirank.launch import ROOT, cpu_env, run_ranks, run_together
+from multirank.launch import ROOT, run_ranks
 
 # Two GMT steps on 2 ranks x batch 1; cosine, so that a resumed run must also restore the scheduler.
 TWO_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "1", "--lr_scheduler_type", "cosine",
-             "--gmt_mask_ratio", "0.3", "--use_cpu", "true"]
+             "--gmt_mask_ratio", "0.3"]
 SAVE_EACH_STEP = ["--save_strategy", "steps", "--save_steps", "1"]  # DeepSpeed checkpoints: checkpoint-1, -2
+# What the tests append to a quickstart line to make it a short run (--output_dir and these first).
+SHORT_RUN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+             "--logging_steps", "1", "--disable_tqdm", "false"]
 
 
 def recipe_argv(method, output_dir, *overrides):
     """``-m gmt_align.cli METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
-    return [
-        "-m", "gmt_align.cli", method, "--config", f"recipes/quickstart/{method}.yaml",
-        "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2",
-        "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--disable_tqdm", "false", *overrides,
-    ]
+    return ["-m", "gmt_align.cli", method, "--config", f"recipes/quickstart/{method}.yaml",
+            "--output_dir", str(output_dir), *SHORT_RUN, *overrides]
 
 
 def run_recipe(method, output_dir, *overrides, deepspeed=None, ranks=1):
-    """``gmt-align METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
+    """``gmt-align METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings: one
+    process, or ``ranks`` processes started directly (the launcher lines of the README run through
+    launchers.launch instead)."""
     argv = recipe_argv(method, output_dir, *overrides)
     if deepspeed:
         argv += ["--deepspeed", f"ds_configs/{deepspeed}.json", "--use_cpu", "true"]
@@ -40,21 +43,6 @@ def run_recipe(method, output_dir, *overrides, deepspeed=None, ranks=1):
     result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
-
-
-def run_launchers(commands, env=None):
-    """Launcher commands (torchrun, accelerate, a job script) started together, e.g. one per node;
-    each must succeed. Returns their outputs."""
-    results = run_together([(command, env or cpu_env()) for command in commands])
-    for command, result in zip(commands, results):
-        assert result.returncode == 0, f"{' '.join(command[:6])} ...:\n{result.stdout[-4000:]}"
-    return [result.stdout for result in results]
-
-
-def accelerate_command(config, argv, processes=2, *launch_args):
-    """``accelerate launch --config_file recipes/accelerate_configs/CONFIG.yaml ... -m gmt_align.cli ...``."""
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-            f"recipes/accelerate_configs/{config}.yaml", "--num_processes", str(processes), *launch_args, *argv]
 
 
 def same_weights(a, b):

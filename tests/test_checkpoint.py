@@ -5,8 +5,9 @@ Exact is the right bar: the masks depend on the gradient and, for random selecti
 number, which the Trainer restores (``global_step``; GMT's telemetry also saves and restores its
 coverage bits, which never touch the weights), and the Trainer restores all the rest: the DeepSpeed
 engine (fp32 partitions and Adam moments, per rank), the cosine scheduler, the RNG states and the
-data order (it skips the batches already seen). ZeRO-2 runs through the 2-rank harness with ``--deepspeed``; ZeRO-3 through
-``accelerate launch --config_file recipes/accelerate_configs/zero3.yaml``, as users launch it.
+data order (it skips the batches already seen). Both run through the README's launcher lines: ZeRO-2
+``deepspeed --num_gpus 2 ...`` (the uninterrupted run is the shared zero2_reference), ZeRO-3
+``accelerate launch --config_file recipes/accelerate_configs/zero3.yaml ...``.
 """
 
 import json
@@ -15,25 +16,15 @@ import shutil
 import pytest
 import torch
 
-from multirank.launch import ROOT, free_port
-from quickstart_runs import (
-    SAVE_EACH_STEP,
-    TWO_STEPS,
-    accelerate_command,
-    recipe_argv,
-    run_launchers,
-    run_recipe,
-    same_weights,
-    saved_weights,
-)
+from launchers import launch
+from multirank.launch import ROOT
+from quickstart_runs import SAVE_EACH_STEP, TWO_STEPS, same_weights, saved_weights
 
 LOGGED_STEP = "'gmt/kept_fraction': '0.7'"  # one per optimizer step (logging_steps 1), over both ranks
 
 
 def zero3_run(output_dir, *overrides):
-    command = accelerate_command("zero3", recipe_argv("sft", output_dir, *TWO_STEPS, *overrides), 2,
-                                 "--main_process_port", str(free_port()))
-    (stdout,) = run_launchers([command])
+    (stdout,) = launch("accelerate_zero3", output_dir, *TWO_STEPS, *overrides)
     return stdout
 
 
@@ -59,8 +50,7 @@ def test_zero2_resumed_run_ends_where_the_uninterrupted_run_ends(zero2_reference
     assert stdout.count(LOGGED_STEP) == 2
     assert_checkpoint_at_step_1(reference)
     resumed = tmp_path / "resumed"
-    stdout = run_recipe("sft", resumed, *TWO_STEPS, "--resume_from_checkpoint", str(reference / "checkpoint-1"),
-                        deepspeed="zero2", ranks=2)
+    (stdout,) = launch("deepspeed", resumed, *TWO_STEPS, "--resume_from_checkpoint", str(reference / "checkpoint-1"))
     assert stdout.count(LOGGED_STEP) == 1  # only step 2 was trained
     assert same_weights(resumed, reference)
 

@@ -1,35 +1,24 @@
-"""A real 2-node job on this machine: two node ranks of one process each rendezvous on 127.0.0.1,
-train two quickstart steps under ZeRO-2 with GMT, and save bit for bit what 1 node x 2 processes saves.
+"""Real 2-node jobs on this machine, through the README's multi-node lines: two node ranks of one
+process each rendezvous on 127.0.0.1, train two quickstart steps under ZeRO-2 with GMT, and save bit
+for bit what 1 node x 2 processes saves (the shared zero2_reference, from ``deepspeed --num_gpus 2``).
 
-Two launchers: bare ``torchrun --nnodes 2``, and recipes/launch.slurm itself (accelerate with
-recipes/accelerate_configs/zero2.yaml, --machine_rank from SLURM_PROCID) under stand-ins for ``srun``
-and ``scontrol`` that start the "nodes" as local processes. Ranks, data shards, reduction order and
-the masks are those of the 1-node run, so equality is exact, not within a tolerance.
+Three launchers: ``accelerate launch --num_machines 2`` run once per node; DeepSpeed's own launcher
+with a hostfile of two nodes, reaching them through stand-ins for ``pdsh`` and ``ssh`` that run each
+node's command as a local process in a login-like environment; and ``sbatch recipes/launch.slurm``
+(gmt-align validate, then accelerate on every node) under stand-ins for ``sbatch``, ``srun`` and
+``scontrol`` (tests/multirank/bin). Ranks, data shards, reduction order and the masks are those of the
+1-node run, so equality is exact, not within a tolerance.
 """
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from multirank.launch import ROOT, cpu_env, free_port
-from quickstart_runs import TWO_STEPS, recipe_argv, run_launchers, same_weights
+from launchers import launch
+from multirank.launch import ROOT, free_port
+from quickstart_runs import TWO_STEPS, same_weights
 
-SRUN = """#!/bin/bash
-# srun on one machine: the command once per "node" (--ntasks of them), SLURM_PROCID set, all at once.
-while [[ "$1" == --* ]]; do [[ "$1" == --ntasks=* ]] && tasks=${1#--ntasks=}; shift; done
-pids=()
-for ((rank = 0; rank < tasks; rank++)); do SLURM_PROCID=$rank "$@" & pids+=($!); done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-exit $status
-"""
-SCONTROL = """#!/bin/bash
-# `scontrol show hostnames`: both "nodes" are this machine.
-echo 127.0.0.1
-echo 127.0.0.1
-"""
+LOGGED_STEP = "'gmt/kept_fraction': '0.7'"  # counted over both ranks
 
 
 def test_launch_slurm_is_valid_bash_and_prints_its_usage():
@@ -39,40 +28,33 @@ def test_launch_slurm_is_valid_bash_and_prints_its_usage():
     assert result.returncode == 2 and "sbatch --nodes 2 recipes/launch.slurm sft" in result.stdout
 
 
-def test_torchrun_two_nodes_save_what_one_node_saves(zero2_reference, tmp_path):
+def test_accelerate_two_nodes_save_what_one_node_saves(zero2_reference, tmp_path):
     reference, _ = zero2_reference
-    port, out = free_port(), tmp_path / "torchrun"
-    argv = recipe_argv("sft", out, *TWO_STEPS, "--deepspeed", "ds_configs/zero2.json")
-    nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-              "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), *argv]
-             for rank in (0, 1)]
-    node0, _ = run_launchers(nodes)
-    assert "'gmt/kept_fraction': '0.7'" in node0  # counted over both ranks
-    assert same_weights(out, reference)
+    head, _ = launch("accelerate_two_nodes", tmp_path, *TWO_STEPS)
+    assert LOGGED_STEP in head
+    assert same_weights(tmp_path, reference)
+
+
+def test_deepspeed_hostfile_two_nodes_save_what_one_node_saves(zero2_reference, tmp_path, smollm2_dir):
+    reference, _ = zero2_reference
+    (stdout,) = launch("deepspeed_hostfile", tmp_path, *TWO_STEPS)
+    # pdsh prefixes each node's lines (tqdm's \r-separated updates stay on the prefixed line)
+    lines = stdout.split("\n")
+    assert any(line.startswith("node1: ") for line in lines)  # both nodes ran
+    assert any(line.startswith("node0: ") and LOGGED_STEP in line for line in lines)  # the head logged
+    assert same_weights(tmp_path, reference)
+    assert not same_weights(tmp_path, smollm2_dir)  # it trained
 
 
 def test_launch_slurm_on_two_nodes_saves_what_one_node_saves(zero2_reference, tmp_path, smollm2_dir):
-    """recipes/launch.slurm as sbatch would run it (gmt-align validate, then srun of accelerate)."""
+    """recipes/launch.slurm as sbatch runs it (gmt-align validate, then srun of accelerate)."""
     reference, _ = zero2_reference
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
-    out = tmp_path / "slurm"
-    overrides = recipe_argv("sft", out, *TWO_STEPS)[5:]  # after `-m gmt_align.cli sft --config RECIPE`
-    env = cpu_env(
-        PATH=f"{shims}:{Path(sys.executable).parent}:{cpu_env()['PATH']}",
-        SLURM_NNODES="2", SLURM_JOB_NODELIST="node[0-1]", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
-    )
-    (stdout,) = run_launchers(
-        [["bash", "recipes/launch.slurm", "sft", "recipes/quickstart/sft.yaml", "zero2", *overrides]], env
-    )
+    (stdout,) = launch("sbatch", tmp_path, *TWO_STEPS, env={"GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())})
     assert "OK recipes/quickstart/sft.yaml (sft)" in stdout  # validated before launching
     assert "on 2 nodes x 1 processes, head 127.0.0.1" in stdout
-    assert stdout.count("'gmt/kept_fraction': '0.7'") == 2  # one per logging step, from the main process only
-    assert same_weights(out, reference)
-    assert not same_weights(out, smollm2_dir)  # it trained
+    assert stdout.count(LOGGED_STEP) == 2  # one per logging step, from the main process only
+    assert same_weights(tmp_path, reference)
+    assert not same_weights(tmp_path, smollm2_dir)  # it trained
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "multi_gpu"])

@@ -1,9 +1,12 @@
-"""The quickstart recipes under DeepSpeed ZeRO-2 and ZeRO-3 on 2 real ranks, against 1 process."""
+"""The quickstart recipes on 2 real ranks through the README's launcher lines (ZeRO-2 with CPU offload
+under torchrun, ZeRO-3 and DDP under accelerate, DPO under ZeRO-2 and ZeRO-3), and under ZeRO-2 on one
+process without a launcher, against 1 plain process."""
 
 import pytest
 
 from gmt_align.quickstart import prepare_quickstart
 from gmt_align.selection import keep_count
+from launchers import launch
 from multirank.launch import ROOT
 from quickstart_runs import (
     assert_unchanged_fraction_is_the_ratio,
@@ -15,6 +18,7 @@ from quickstart_runs import (
 
 RATIO = 0.3
 ONE_STEP = ["--max_steps", "1", "--gmt_mode", "update", "--gmt_mask_ratio", str(RATIO)]
+PER_RANK = ["--per_device_train_batch_size", "1"]  # 2 ranks x 1: the global batch of 1 process x 2
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +34,9 @@ def single_process_sft(quickstart, tmp_path_factory):
     return unchanged_masks(saved_weights(quickstart["model"]), saved_weights(out))
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_sft_under_zero_masks_what_one_process_masks(quickstart, single_process_sft, tmp_path, stage):
-    stdout = run_recipe("sft", tmp_path, *ONE_STEP, "--per_device_train_batch_size", "1", deepspeed=stage, ranks=2)
+@pytest.mark.parametrize("launcher", ["torchrun_cpu", "accelerate_zero3", "accelerate_ddp"])
+def test_sft_masks_what_one_process_masks(quickstart, single_process_sft, tmp_path, launcher):
+    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK)
     assert "'gmt/kept_fraction': '0.7'" in stdout  # reduced over both ranks
     base, tuned = saved_weights(quickstart["model"]), saved_weights(tmp_path)
     assert_unchanged_fraction_is_the_ratio(base, tuned, RATIO)
@@ -41,10 +45,18 @@ def test_sft_under_zero_masks_what_one_process_masks(quickstart, single_process_
     assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_dpo_under_zero(quickstart, tmp_path, stage):
-    stdout = run_recipe("dpo", tmp_path, *ONE_STEP, "--per_device_train_batch_size", "1", "--learning_rate", "1e-4",
-                        deepspeed=stage, ranks=2)
+def test_one_process_under_zero2_without_a_launcher(quickstart, single_process_sft, tmp_path):
+    """``gmt-align sft --deepspeed ...`` with no launcher runs as a 1-rank DeepSpeed job."""
+    (stdout,) = launch("one_process", tmp_path, *ONE_STEP, "--per_device_train_batch_size", "2")
+    assert "'gmt/kept_fraction': '0.7'" in stdout
+    base, tuned = saved_weights(quickstart["model"]), saved_weights(tmp_path)
+    overall, worst = mask_agreement(unchanged_masks(base, tuned), single_process_sft)
+    assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
+
+
+@pytest.mark.parametrize("launcher", ["accelerate_zero2_dpo", "accelerate_use_deepspeed_dpo"])
+def test_dpo_under_zero(quickstart, tmp_path, launcher):
+    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, "--learning_rate", "1e-4")
     assert "'gmt/kept_fraction'" in stdout
     assert_unchanged_fraction_is_the_ratio(saved_weights(quickstart["model"]), saved_weights(tmp_path), RATIO)
 
@@ -54,7 +66,7 @@ def test_global_threshold_under_zero3_matches_one_process(quickstart, tmp_path):
     first back until the global threshold over both is known."""
     glob = [*ONE_STEP, "--gmt_granularity", "global"]
     run_recipe("sft", tmp_path / "one", *glob, "--per_device_train_batch_size", "2")
-    run_recipe("sft", tmp_path / "two", *glob, "--per_device_train_batch_size", "1", deepspeed="zero3", ranks=2)
+    launch("accelerate_zero3", tmp_path / "two", *glob, *PER_RANK)
     base = saved_weights(quickstart["model"])
     one, two = saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two")
     total = sum(w.numel() for w in base.values())

@@ -1,6 +1,7 @@
 """Start real ranks on this machine: separate processes, gloo, DS_ACCELERATOR=cpu, 127.0.0.1."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,11 +41,13 @@ def run_ranks(argv: list[str], world: int = 2, timeout: float = 900) -> list[sub
     return run_together([([sys.executable, *argv], rank_env(r, world, port)) for r in range(world)], timeout)
 
 
-def run_together(commands: list[tuple[list[str], dict]], timeout: float = 900) -> list[subprocess.CompletedProcess]:
-    """Start every (command, environment) at once from the repository root (ranks, or the launchers of
-    several nodes); kill all of them if any outlives ``timeout``."""
+def run_together(commands: list[tuple[list[str], dict]], timeout: float = 900,
+                 cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
+    """Start every (command, environment) at once from ``cwd`` (ranks, or the launchers of several
+    nodes); kill all of them, with whatever they started, if any outlives ``timeout``."""
     procs = [
-        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)  # a launcher's ranks are its process group
         for command, env in commands
     ]
     results = []
@@ -55,5 +58,5 @@ def run_together(commands: list[tuple[list[str], dict]], timeout: float = 900) -
     finally:
         for proc in procs:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
     return results

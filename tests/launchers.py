@@ -1,0 +1,148 @@
+"""The launcher lines that README.md and docs/*.md show, and how the tests run each one as written.
+
+A line runs through bash with its text unchanged; the tests add only the environment (CPU ranks:
+``DS_ACCELERATOR=cpu``, offline hub, one thread per rank) and, at the end of the line, ``--use_cpu
+true`` and their own overrides (``--output_dir``, ``--max_steps``, ...). It runs from a scratch
+directory that looks like the repository root (recipes/, ds_configs/ and .cache/ linked in) and also
+holds the ``hostfile`` and ``.deepspeed_env`` that the multi-node lines read. Multi-node lines run
+every node at once on this machine, at 127.0.0.1: each node is the same line with its own
+``NODE_RANK``, or the launcher starts the nodes through the stand-ins in tests/multirank/bin (ssh,
+pdsh, sbatch, srun, scontrol), which run each node's command as a local process.
+
+Every line carries the name of the test that runs it; tests/test_launchers.py checks that the
+registry and the documents show the same lines, and that each named test runs its line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from multirank.launch import ROOT, cpu_env, run_together
+from quickstart_runs import SHORT_RUN
+
+STAND_INS = ROOT / "tests" / "multirank" / "bin"
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# What each "node" of the hostfile line gets: a stand-in ssh login passes on no variable of ours, so
+# these go through DeepSpeed's own channel for them, a .deepspeed_env file in the launch directory.
+NODE_VARIABLES = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
+                  "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE",
+                  "CUDA_VISIBLE_DEVICES", "GMT_ALIGN_CPP", "GMT_ALIGN_COMPILE")
+HOSTFILE = "node0 slots=1\nnode1 slots=1\n"  # 2 nodes of 1 process each, the README's example
+
+
+@dataclass(frozen=True)
+class Launcher:
+    line: str  # as the documents show it, continuation lines joined, comment left out
+    tested_by: str  # "tests/FILE.py::NAME": the test (or fixture) that runs it
+    nodes: int = 1  # started once per node, all at once, with NODE_RANK=0, 1, ... and HEAD_ADDR=127.0.0.1
+
+
+LAUNCHERS = {
+    "deepspeed": Launcher(
+        "deepspeed --num_gpus 2 --module gmt_align.cli sft --config recipes/quickstart/sft.yaml"
+        " --deepspeed ds_configs/zero2.json",
+        "tests/conftest.py::zero2_reference"),
+    "accelerate_zero3": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/zero3.yaml --num_processes 2"
+        " -m gmt_align.cli sft --config recipes/quickstart/sft.yaml",
+        "tests/test_zero_trainer.py::test_sft_masks_what_one_process_masks"),
+    "accelerate_ddp": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml --num_processes 2"
+        " -m gmt_align.cli sft --config recipes/quickstart/sft.yaml",
+        "tests/test_zero_trainer.py::test_sft_masks_what_one_process_masks"),
+    "accelerate_zero2_dpo": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/zero2.yaml --num_processes 2"
+        " -m gmt_align.cli dpo --config recipes/quickstart/dpo.yaml",
+        "tests/test_zero_trainer.py::test_dpo_under_zero"),
+    "accelerate_use_deepspeed_dpo": Launcher(
+        "accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero3.json --num_processes 2"
+        " -m gmt_align.cli dpo --config recipes/quickstart/dpo.yaml",
+        "tests/test_zero_trainer.py::test_dpo_under_zero"),
+    "torchrun_cpu": Launcher(
+        "DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m gmt_align.cli sft --config recipes/quickstart/sft.yaml"
+        " --deepspeed ds_configs/zero2_offload.json --use_cpu true --max_steps 2",
+        "tests/test_zero_trainer.py::test_sft_masks_what_one_process_masks"),
+    "one_process": Launcher(
+        "gmt-align sft --config recipes/quickstart/sft.yaml --deepspeed ds_configs/zero2.json",
+        "tests/test_zero_trainer.py::test_one_process_under_zero2_without_a_launcher"),
+    "deepspeed_hostfile": Launcher(
+        "deepspeed --hostfile hostfile --module gmt_align.cli sft --config recipes/quickstart/sft.yaml"
+        " --deepspeed ds_configs/zero2.json",
+        "tests/test_multinode.py::test_deepspeed_hostfile_two_nodes_save_what_one_node_saves"),
+    "accelerate_two_nodes": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/zero2.yaml --num_machines 2 --num_processes 2"
+        " --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
+        " -m gmt_align.cli sft --config recipes/quickstart/sft.yaml",
+        "tests/test_multinode.py::test_accelerate_two_nodes_save_what_one_node_saves", nodes=2),
+    "sbatch": Launcher(
+        "sbatch --nodes 2 recipes/launch.slurm sft recipes/quickstart/sft.yaml zero2",
+        "tests/test_multinode.py::test_launch_slurm_on_two_nodes_saves_what_one_node_saves"),
+}
+
+# A launcher at the start of a line, after any VAR=value assignments; or DeepSpeed without a launcher.
+LAUNCHER_LINE = re.compile(r"^(?:\w+=\S*\s+)*(?:deepspeed|accelerate\s+launch|torchrun|sbatch)\s"
+                           r"|^gmt-align\s+(?:sft|dpo)\s.*\s--deepspeed\s")
+
+
+def tokens(line: str) -> tuple[str, ...]:
+    """The words of a shell line, as bash splits them (a trailing # comment left out)."""
+    return tuple(shlex.split(line, comments=True))
+
+
+def documented_lines(documents=DOCUMENTS) -> dict[tuple[str, ...], str]:
+    """Every launcher line in the documents' bash code blocks (continuations joined), by its words,
+    with the file it is in."""
+    found = {}
+    for document in documents:
+        for block in re.findall(r"^```bash\n(.*?)^```", document.read_text(), re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                if LAUNCHER_LINE.match(line.strip()):
+                    found[tokens(line)] = document.name
+    return found
+
+
+def launch(name: str, output_dir, *overrides: str, env: dict | None = None, timeout: float = 900) -> list[str]:
+    """Run LAUNCHERS[name] as written, then ``--use_cpu true --output_dir OUTPUT_DIR``, a short run's
+    settings (quickstart_runs.SHORT_RUN) and ``OVERRIDES``; every node must succeed. Returns each
+    node's output (stdout and stderr)."""
+    launcher = LAUNCHERS[name]
+    additions = ["--use_cpu", "true", "--output_dir", str(output_dir), *SHORT_RUN, *overrides]
+    command = f"{launcher.line} {shlex.join(additions)}"
+    base = launcher_env(**(env or {}))
+    with launch_directory(base) as directory:
+        nodes = [(["bash", "-c", command], {**base, "NODE_RANK": str(rank), "HEAD_ADDR": "127.0.0.1"})
+                 for rank in range(launcher.nodes)]
+        results = run_together(nodes, timeout, cwd=directory)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"{name}, node {rank}: {command}\n{result.stdout[-4000:]}"
+    return [result.stdout for result in results]
+
+
+def launcher_env(**extra: str) -> dict:
+    """CPU ranks (multirank.launch.cpu_env), with this environment's launchers and the stand-ins on PATH."""
+    path = os.pathsep.join([str(STAND_INS), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return cpu_env(PATH=path, **extra)
+
+
+@contextmanager
+def launch_directory(env: dict):
+    """A scratch directory to launch from, with the repository's recipes/, ds_configs/ and .cache/ linked
+    in, a ``hostfile`` and a ``.deepspeed_env`` (the variables that the nodes need); removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="gmt-launch-"))
+    try:
+        for name in ("recipes", "ds_configs", ".cache"):
+            (path / name).symlink_to(ROOT / name)
+        (path / "hostfile").write_text(HOSTFILE)
+        exported = [f"{name}={env[name]}" for name in NODE_VARIABLES if name in env]
+        (path / ".deepspeed_env").write_text("\n".join(exported) + "\n")
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

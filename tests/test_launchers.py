@@ -1,0 +1,56 @@
+"""Every launcher line that README.md and docs/*.md show is in tests/launchers.py's registry, every
+registry line is still shown, and each one is run, as written, by the test it names.
+
+The runs themselves live with the assertions they serve (tests/conftest.py, test_zero_trainer.py,
+test_checkpoint.py, test_multinode.py): each 2-rank run costs 30-90 s on 2 cores, so one run both
+exercises its launcher line and checks what the trained model holds.
+"""
+
+import ast
+import re
+
+import pytest
+
+from launchers import DOCUMENTS, LAUNCHERS, documented_lines, tokens
+from multirank.launch import ROOT
+
+
+def test_every_documented_launcher_line_is_in_the_registry_and_every_registry_line_is_documented():
+    documented = documented_lines()
+    registered = {tokens(launcher.line): name for name, launcher in LAUNCHERS.items()}
+    unregistered = [f"{where}: {' '.join(line)}" for line, where in documented.items() if line not in registered]
+    undocumented = [name for line, name in registered.items() if line not in documented]
+    assert not unregistered, "documented but run by no test (add them to tests/launchers.py):\n" + "\n".join(
+        unregistered)
+    assert not undocumented, f"in tests/launchers.py but no longer in {[d.name for d in DOCUMENTS]}: {undocumented}"
+
+
+def test_the_extraction_finds_continued_prefixed_and_commented_lines(tmp_path):
+    document = tmp_path / "doc.md"
+    document.write_text(
+        "```bash\n"
+        "DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m gmt_align.cli sft \\\n"
+        "    --config a.yaml   # a comment\n"
+        "gmt-align sft --config a.yaml\n"  # no launcher, no DeepSpeed: not a launcher line
+        "gmt-align dpo --config a.yaml --deepspeed z.json\n"
+        "```\n"
+        "```python\ndeepspeed --num_gpus 2 x.py\n```\n"  # not a shell block
+    )
+    assert list(documented_lines([document])) == [
+        ("DS_ACCELERATOR=cpu", "torchrun", "--nproc_per_node", "2", "-m", "gmt_align.cli", "sft", "--config",
+         "a.yaml"),
+        ("gmt-align", "dpo", "--config", "a.yaml", "--deepspeed", "z.json"),
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
+def test_each_line_is_run_by_the_test_it_names(name):
+    """The named test (or fixture) exists and passes the line's name to launchers.launch."""
+    path, _, function = LAUNCHERS[name].tested_by.partition("::")
+    tree = ast.parse((ROOT / path).read_text())
+    definitions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function]
+    assert definitions, f"{LAUNCHERS[name].tested_by} does not exist"
+    (definition,) = definitions
+    names = {node.value for node in ast.walk(definition) if isinstance(node, ast.Constant)}  # decorators included
+    assert name in names, f"{LAUNCHERS[name].tested_by} does not name {name!r}"
+    assert re.search(r"\blaunch\(", ast.get_source_segment((ROOT / path).read_text(), definition))
