@@ -6,19 +6,23 @@ line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` c
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.validate`).
 ``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.report`).
 ``gmt-align eval --model DIR --task TASK`` measures accuracy on a held-out split (see
-:mod:`gmt_align.evaluate`).
+:mod:`gmt_align.evaluate`). ``gmt-align env`` prints versions, GPU and kernels for a bug report (see
+:mod:`gmt_align.environment`); ``gmt-align --version`` the version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Sequence
 
 USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
-       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--field value ...]
+       gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--here] [--field value ...]
        gmt-align report OUTPUT_DIR [--out DIR]
        gmt-align eval --model DIR --task TASK [--n N] [--seed S] [--batch_size B] [--max_new_tokens M] [--output FILE]
+       gmt-align env | --version
 
 commands:
   sft       supervised fine-tuning with Gradient-Mask Tuning
@@ -27,6 +31,7 @@ commands:
   report    plots and a summary of a run's mask telemetry (OUTPUT_DIR/gmt_stats.jsonl)
   eval      greedy accuracy (95% Wilson interval) on a held-out split: basic_arithmetic,
             chain_sum, gsm_symbolic (reasoning-gym) or humaneval (pass@1)
+  env       versions, GPU and the GMT kernels that will run (paste it into bug reports)
 
 Any recipe field can be given or overridden on the command line, e.g.
   gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
@@ -59,6 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("--version", "-V"):
+        from . import __version__
+
+        print(f"gmt-align {__version__}")
+        return 0
+    if command != "report":
+        _import_transformers_quietly()
+    if command == "env":
+        from .environment import main as env
+
+        return env(rest)
     if command == "validate":
         from .validate import main as validate
 
@@ -72,10 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return evaluate(rest)
 
-    from .train import METHODS, RecipeError, parse_recipe, train
+    from .train import METHODS, DataError, RecipeError, parse_recipe, train
 
     if command not in METHODS:
-        choices = ", ".join((*METHODS, "validate", "report", "eval"))
+        choices = ", ".join((*METHODS, "validate", "report", "eval", "env"))
         print(f"gmt-align: error: unknown command {command!r} (choose from {choices})", file=sys.stderr)
         return 2
     if _asks_for_deepspeed(rest):  # no launcher: DeepSpeed would look for MPI; run as one rank instead
@@ -92,13 +108,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         train(command, *parsed)
-    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError) as error:  # before any step
+    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError) as error:  # before any step
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as error:  # every rank stops here together; no weight was written
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _import_transformers_quietly() -> None:
+    """transformers prints "[INFO] Running in WANDB offline mode" on stdout when its integrations are
+    first imported under WANDB_MODE=offline (common on clusters). validate's and eval's stdout is their
+    result, and an error must stay one line: the import happens here, and that line is dropped (W&B
+    itself says it is offline when a run starts)."""
+    if os.environ.get("WANDB_MODE") != "offline" or "transformers.integrations.integration_utils" in sys.modules:
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        import transformers.integrations.integration_utils  # noqa: F401
 
 
 if __name__ == "__main__":

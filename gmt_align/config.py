@@ -64,7 +64,7 @@ from trl import DPOConfig, SFTConfig
 from .engine import MaskOptions
 
 __all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "exclude_problems",
-           "exclude_problems_from_config", "mask_options"]
+           "exclude_problems_from_config", "mask_options", "refuse_bf16_without_device"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
@@ -209,6 +209,16 @@ def exclude_problems_from_config(patterns, model_name_or_path: str, **config_kwa
     return exclude_problems(patterns, model)
 
 
+def refuse_bf16_without_device(args) -> None:
+    """TRL's configs default to bf16; transformers then stops with "Your setup doesn't support
+    bf16/gpu" on a machine without one. Say it in gmt-align's words, naming the fix."""
+    from .environment import bf16_problem
+
+    problem = bf16_problem(args.bf16, args.fp16, args.use_cpu)
+    if problem:
+        raise ValueError(problem)
+
+
 def mask_options(args: GMTArguments) -> MaskOptions:
     """The engine's view of the ``gmt_*`` fields of a config."""
     return MaskOptions(
@@ -224,17 +234,21 @@ def mask_options(args: GMTArguments) -> MaskOptions:
 
 @dataclass
 class GMTSFTConfig(GMTArguments, SFTConfig):
-    """``trl.SFTConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`."""
+    """``trl.SFTConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`. TRL's default
+    ``bf16=True`` on a machine without a bf16 device is refused, naming ``bf16=False``."""
 
     def __post_init__(self):
         self.validate_gmt()
+        refuse_bf16_without_device(self)
         super().__post_init__()
 
 
 @dataclass
 class GMTDPOConfig(GMTArguments, DPOConfig):
-    """``trl.DPOConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config`."""
+    """``trl.DPOConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.config` (bf16: as
+    :class:`GMTSFTConfig`)."""
 
     def __post_init__(self):
         self.validate_gmt()
+        refuse_bf16_without_device(self)
         super().__post_init__()

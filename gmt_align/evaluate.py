@@ -17,6 +17,8 @@ Tasks (see docs/evaluation.md):
 
 Accuracy comes with a 95 % Wilson score interval (:func:`wilson_interval`). With ``--output``,
 one JSON line per example is written (prompt, response, answer, expected, score, correct).
+``--model`` is a saved model, or a PEFT adapter directory (``adapter_config.json``, as
+``gmt-align sft --use_peft true`` saves): the adapter is loaded on its base model and merged.
 Bad input exits with status 2 and one line on stderr, before the model is loaded.
 """
 
@@ -264,15 +266,31 @@ def check_completion(problem: dict, completion: str, timeout: float = 3.0) -> tu
 # ------------------------------------------------------------------------ generation
 
 
+def adapter_base(model_dir: str | Path) -> str | None:
+    """The base model of a PEFT adapter directory (``gmt-align sft --use_peft true`` saves one), else None."""
+    config = Path(model_dir) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path") or ""
+
+
 def load(model_dir: str | Path) -> tuple[Any, Any]:
+    """A saved model, or a PEFT adapter on its base model (merged into it: plain generation speed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = adapter_base(model_dir)
+    has_tokenizer = (Path(model_dir) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir if base is None or has_tokenizer else base)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    return model, tokenizer
+    if base is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir).merge_and_unload()
+    return model.eval(), tokenizer
 
 
 def render(tokenizer: Any, example: Example) -> str:
@@ -340,8 +358,20 @@ def check_args(args: argparse.Namespace) -> None:
     model = Path(args.model)
     if not model.is_dir():
         raise EvalUsageError(f"--model {args.model}: no such directory")
-    if not (model / "config.json").is_file():
-        raise EvalUsageError(f"--model {args.model}: no config.json (not a saved model directory)")
+    base = adapter_base(model)
+    if base is not None:  # a PEFT adapter: its base model must be loadable too
+        from .environment import installed
+
+        if not installed("peft"):
+            raise EvalUsageError(f"--model {args.model}: a PEFT adapter, which needs the peft package: pip install peft")
+        if not base:
+            raise EvalUsageError(f"--model {args.model}: adapter_config.json names no base_model_name_or_path")
+        if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+            raise EvalUsageError(f"--model {args.model}: its base model {base} (adapter_config.json) is not there; "
+                                 "run from where training ran, or fix base_model_name_or_path")
+    elif not (model / "config.json").is_file():
+        raise EvalUsageError(f"--model {args.model}: no config.json or adapter_config.json (not a saved model "
+                             "or PEFT adapter directory)")
     if args.task not in TASKS:
         raise EvalUsageError(f"--task {args.task!r}: unknown task (choose from {', '.join(TASKS)})")
     if args.n is not None and args.n < 1:
@@ -442,7 +472,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gmt-align eval", description="Greedy-decode a held-out split and report accuracy "
                 "with a 95% Wilson score interval. See docs/evaluation.md.")
-    p.add_argument("--model", required=True, help="a saved model directory (config.json, weights, tokenizer)")
+    p.add_argument("--model", required=True, help="a saved model directory (config.json, weights, tokenizer), "
+                   "or a PEFT adapter directory (adapter_config.json: loaded on its base model)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--n", type=int, default=None,
                    help=f"number of problems (default {DEFAULT_N[RG_TASKS[0]]}; humaneval: all {HUMANEVAL_SIZE})")

@@ -30,11 +30,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK", "compiled", "count_at_least", "cpp_kernels", "mask_and_flag", "mask_candidates",
-           "restore_masked"]
+__all__ = ["BLOCK", "compiled", "count_at_least", "cpp_build_directory", "cpp_built", "cpp_capability", "cpp_kernels",
+           "mask_and_flag", "mask_candidates", "restore_masked"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def _run(name: str, *args):
 
 _CPP: list = []  # [module or None], once loaded or refused
 _CPP_LOCK = threading.Lock()
+_CPP_SOURCE = Path(__file__).with_name("csrc") / "gmt_cpu.cpp"
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -115,17 +117,47 @@ def cpp_kernels():
     return _CPP[0]
 
 
+def cpp_capability() -> str:
+    """The instruction set the C++ kernels are built for (GMT_ALIGN_CPU_CAPABILITY: AVX512, AVX2,
+    DEFAULT builds for less than this CPU has)."""
+    return os.environ.get("GMT_ALIGN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+
+
+def _cpp_name() -> str:
+    return f"gmt_align_cpu_{cpp_capability().lower()}"
+
+
+def cpp_build_directory() -> str:
+    """Where torch's JIT builds (and finds) the C++ kernels: under TORCH_EXTENSIONS_DIR if set."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return _get_build_directory(_cpp_name(), verbose=False)
+
+
+def cpp_built() -> bool:
+    """Whether loading the C++ kernels will not compile them: torch's JIT runs ninja, which rebuilds
+    when the module is missing, when build.ninja names another copy of the source (another checkout
+    sharing TORCH_EXTENSIONS_DIR), or when the source is newer than the module."""
+    build, source = Path(cpp_build_directory()), _CPP_SOURCE
+    module, ninja = build / f"{_cpp_name()}.so", build / "build.ninja"
+    try:
+        return (module.stat().st_mtime >= source.stat().st_mtime
+                and f"compile {source}" in ninja.read_text())
+    except OSError:
+        return False
+
+
 def _load_cpp():
     try:
-        from pathlib import Path
+        import sys
 
         from torch.utils.cpp_extension import load
 
-        # GMT_ALIGN_CPU_CAPABILITY (AVX512, AVX2, DEFAULT) builds for less than this CPU has
-        capability = os.environ.get("GMT_ALIGN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-        return load(name=f"gmt_align_cpu_{capability.lower()}",
-                    sources=[str(Path(__file__).with_name("csrc") / "gmt_cpu.cpp")],
-                    extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(capability, [])])
+        if not cpp_built() and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, not per rank
+            print(f"gmt-align: building the C++ CPU kernels once (~30 s) into {cpp_build_directory()}",
+                  file=sys.stderr, flush=True)
+        return load(name=_cpp_name(), sources=[str(_CPP_SOURCE)],
+                    extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(cpp_capability(), [])])
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: the torch.compile kernels
         logger.warning("gmt-align: the C++ CPU kernels could not be built (%s); using torch.compile",
                        str(error).splitlines()[0] if str(error) else type(error).__name__)

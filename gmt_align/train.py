@@ -17,22 +17,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+from .data import DATA_FILE_FORMATS, DataError, data_source_problems, load_datasets, load_train_dataset, option_value
 
 __all__ = [
     "METHODS",
     "GMTScriptArguments",
+    "DataError",
     "RecipeError",
     "deepspeed_refusals",
+    "load_datasets",
     "load_deepspeed_config",
+    "load_train_dataset",
     "make_parser",
+    "model_kwargs",
     "parse_recipe",
     "source_problems",
     "train",
 ]
 
 METHODS = ("sft", "dpo")
-DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class RecipeError(ValueError):
@@ -51,13 +56,15 @@ def _config_class(method: str):
 
 
 @dataclass
-class GMTScriptArguments(ScriptArguments):
-    """TRL's ``ScriptArguments`` plus a mapping for instruction/response datasets.
+class GMTScriptArguments(ScriptArguments, DatasetMixtureConfig):
+    """TRL's ``ScriptArguments`` and dataset mixture (``datasets``, ``streaming``, ``test_split_size``:
+    what ``trl sft`` parses), plus a mapping for instruction/response datasets.
 
     Many datasets of the paper's setups (Magicoder-Evol-Instruct, MetaMathQA) hold two text columns
     rather than TRL's formats; naming them turns each row into TRL's conversational
     prompt/completion (one user turn, one assistant turn), so the chat template shapes the prompt
-    and the loss covers the completion only.
+    and the loss covers the completion only. How the data and the evaluation split are read:
+    :mod:`gmt_align.data`.
     """
 
     dataset_prompt_column: str | None = field(
@@ -68,6 +75,31 @@ class GMTScriptArguments(ScriptArguments):
     dataset_completion_column: str | None = field(
         default=None, metadata={"help": "Text column that becomes the assistant turn (see dataset_prompt_column)."}
     )
+
+    def __post_init__(self):
+        """Mixture entries checked as TRL would at load time (or with a TypeError), in one line each."""
+        import dataclasses
+
+        from trl.scripts.utils import DatasetConfig
+
+        keys = [f.name for f in dataclasses.fields(DatasetConfig)]
+        if not isinstance(self.datasets, list):
+            raise ValueError("datasets must be a list of entries (path: ..., and optionally "
+                             f"{', '.join(keys[1:])})")
+        for index, entry in enumerate(self.datasets):
+            if isinstance(entry, DatasetConfig):
+                continue
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ValueError(f"datasets[{index}] must be a mapping with a path (a hub dataset, a builder such "
+                                 f"as json, or a local file), got {entry!r}")
+            unknown = [key for key in entry if key not in keys]
+            if unknown:
+                raise ValueError(f"datasets[{index}]: unknown key(s) {', '.join(unknown)} (an entry takes "
+                                 f"{', '.join(keys)})")
+        super().__post_init__()
+        fractions = [entry.fraction is not None for entry in self.datasets]
+        if any(fractions) and not all(fractions):
+            raise ValueError("datasets: fraction must be set for every entry or for none")
 
 
 def make_parser(method: str) -> TrlParser:
@@ -86,9 +118,13 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
         raise RecipeError(f"recipe is not valid YAML: {str(error).splitlines()[0]}") from None
     except ValueError as error:
         raise RecipeError(_one_line(str(error))) from None
+    from .environment import machine_problems
+
     for problems in (
         source_problems(script_args, training_args, model_args),
+        machine_problems(training_args, model_args),
         deepspeed_refusals(load_deepspeed_config(training_args.deepspeed)) if training_args.deepspeed else [],
+        exclude_problems_before_loading(training_args, model_args),
     ):
         if problems:
             raise RecipeError(problems[0])
@@ -100,6 +136,18 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     except RunFolderError as error:
         raise RecipeError(str(error)) from None
     return script_args, training_args, model_args
+
+
+def exclude_problems_before_loading(training_args, model_args) -> list[str]:
+    """``gmt_exclude`` patterns that match nothing or leave nothing to mask, from the model's config
+    (a local directory, or a hub id already cached); with LoRA the trainer checks them at start-up."""
+    if training_args.gmt_mask_ratio == 0 or getattr(model_args, "use_peft", False):
+        return []
+    from .config import exclude_problems_from_config
+
+    return exclude_problems_from_config(training_args.gmt_exclude, model_args.model_name_or_path,
+                                        revision=model_args.model_revision,
+                                        trust_remote_code=model_args.trust_remote_code)
 
 
 def _one_line(message: str) -> str:
@@ -124,27 +172,26 @@ def _missing(path: str) -> bool:
 
 
 def source_problems(script_args, training_args, model_args) -> list[str]:
-    """Everything a recipe names that must exist before training: one line per problem.
+    """Everything a recipe names that must exist or fit together before training: one line per problem.
 
-    A hub id is taken on trust (no network is needed to validate); a local path must exist.
+    A hub id is taken on trust (no network is needed to validate); a local path must exist. The
+    arguments may be parsed dataclasses or one raw recipe mapping (``gmt-align validate``).
     """
-    problems = []
-    data = script_args.dataset_name
-    if not data:
-        problems.append("dataset_name is required (a hub dataset or a local .json/.jsonl/.parquet file)")
-    elif _missing(data):
-        problems.append(f"dataset_name: no such file {data} (quickstart data: make quickstart)")
-    if (script_args.dataset_prompt_column is None) != (script_args.dataset_completion_column is None):
+    from .environment import model_option_problems
+
+    problems = data_source_problems(script_args, training_args)
+    prompt, completion = (option_value(script_args, key) for key in ("dataset_prompt_column", "dataset_completion_column"))
+    if (prompt is None) != (completion is None):
         problems.append("dataset_prompt_column and dataset_completion_column go together: set both or neither")
-    name = model_args.model_name_or_path
+    name = option_value(model_args, "model_name_or_path")
     if not name:
         problems.append("model_name_or_path is required")
     elif _missing(name):
         problems.append(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
-    template = getattr(training_args, "chat_template_path", None)  # an SFT field
+    template = option_value(training_args, "chat_template_path")  # an SFT field
     if template and _missing(template):
         problems.append(f"chat_template_path: no such file {template}")
-    return problems
+    return problems + model_option_problems(model_args)
 
 
 def load_deepspeed_config(config: dict | str) -> dict:
@@ -165,50 +212,47 @@ def load_deepspeed_config(config: dict | str) -> dict:
 
 
 def deepspeed_refusals(config: dict) -> list[str]:
-    """What the adapters would refuse at start-up (gmt_align/adapters/zero.py), said before loading."""
+    """What the adapters would refuse at start-up (gmt_align/adapters/zero.py), and what DeepSpeed's
+    schema refuses, said before loading."""
     from .adapters.zero import REFUSALS
 
     zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return zero_schema_problems(config)
     problems = [REFUSALS[key] for key in ("round_robin_gradients", "zenflow") if zero.get(key)]
     if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
         problems.append(REFUSALS["nvme"])
     if str((config.get("optimizer") or {}).get("type", "")).lower() == "muon":
         problems.append(REFUSALS["muon"])
-    return problems
+    return problems + zero_schema_problems(config)
 
 
-def load_train_dataset(script_args):
-    """A hub dataset by name, or a local JSON/JSONL/parquet file, as TRL's trainers take it."""
-    from datasets import load_dataset
+def zero_schema_problems(config: dict) -> list[str]:
+    """DeepSpeed's own schema for ``zero_optimization`` (unknown keys, bad values such as stage 4),
+    one line per problem instead of pydantic's multi-line dump at start-up."""
+    from .validate import zero_config
 
-    source = script_args.dataset_name
-    builder = DATA_FILE_FORMATS.get(Path(source).suffix)
-    if builder is not None:
-        dataset = load_dataset(builder, data_files=str(Path(source).expanduser()), split="train")
-    else:
-        dataset = load_dataset(source, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-        dataset = dataset[script_args.dataset_train_split]
-    if script_args.dataset_prompt_column is None:
-        return dataset
-    prompt, completion = script_args.dataset_prompt_column, script_args.dataset_completion_column
-    return dataset.map(
-        lambda row: {
-            "prompt": [{"role": "user", "content": row[prompt]}],
-            "completion": [{"role": "assistant", "content": row[completion]}],
-        },
-        remove_columns=list(dataset.column_names or [prompt, completion]),
-    )
+    return zero_config(config)[0]
+
+
+def model_kwargs(model_args) -> dict:
+    """The trainer's ``peft_config`` and ``quantization_config``, built as ``trl sft`` builds them
+    (after :func:`~gmt_align.environment.machine_problems` has refused what this machine cannot run)."""
+    from trl import get_peft_config, get_quantization_config
+
+    return {"peft_config": get_peft_config(model_args), "quantization_config": get_quantization_config(model_args)}
 
 
 def train(method: str, script_args, training_args, model_args):
     """Load data and model, train with GMT, save model + tokenizer to ``output_dir``."""
     import transformers
     from packaging.version import Version
-    from trl import get_peft_config
 
     from .distributed import ensure_deepspeed_comm
     from .trainers import GMTDPOTrainer, GMTSFTTrainer
 
+    # Before the model: a bad file fails in seconds, with one line naming it (DataError).
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, method)
     if training_args.deepspeed:
         ensure_deepspeed_comm(training_args)
 
@@ -223,8 +267,9 @@ def train(method: str, script_args, training_args, model_args):
     trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=load_train_dataset(script_args),
-        peft_config=get_peft_config(model_args),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        **model_kwargs(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

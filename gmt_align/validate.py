@@ -1,4 +1,4 @@
-"""``gmt-align validate RECIPE.yaml [...] [--method sft|dpo] [--field value ...]``: check before queueing.
+"""``gmt-align validate RECIPE.yaml [...] [--method sft|dpo] [--here] [--field value ...]``: check before queueing.
 
 Reads a recipe and its DeepSpeed config as ``gmt-align sft|dpo`` would, loads neither model nor
 data, and reports every problem at once, one per line, each prefixed with the file it comes from.
@@ -10,7 +10,9 @@ What counts as a problem (each would otherwise stop or silently change a run, of
 model has loaded):
 
 - the recipe: unknown keys (with the closest known one), bad ``gmt_*`` values, values TRL or
-  transformers reject, local paths that do not exist (hub ids are taken on trust: no network);
+  transformers reject, local paths that do not exist (hub ids are taken on trust: no network),
+  evaluation and mixture settings that cannot work (:func:`gmt_align.data.data_source_problems`),
+  quantization without LoRA;
 - the DeepSpeed config: what GMT refuses (``adapters.zero.REFUSALS``), unknown or invalid
   ``zero_optimization`` keys (DeepSpeed's own schema), explicit values that contradict the recipe
   (transformers' own matching: batch size, accumulation, clipping, optimizer, fp16/bf16);
@@ -20,6 +22,11 @@ model has loaded):
   left true; ``offload_param`` below ZeRO-3; fp16/bf16 without ZeRO (DeepSpeed's FP16 optimizers,
   which GMT cannot see into); a JSON ``optimizer``/``scheduler`` block next to a recipe's ``optim``
   / ``lr_scheduler_type``, which it would silently override.
+
+What this machine lacks for the recipe (:func:`gmt_align.environment.machine_problems`: a GPU for
+bf16, QLoRA or Liger; peft, bitsandbytes or liger-kernel) follows as ``on this machine:`` lines. They
+are notes, since recipes are often checked on a login node for GPU nodes; with ``--here`` (the
+recipe will run on this machine) they are problems.
 
 The method (sft or dpo) is ``--method`` if given, else the recipe's own keys (``beta`` and other
 DPO-only fields mean dpo; ``packing`` and other SFT-only fields mean sft), else ``dpo`` in the
@@ -40,15 +47,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 __all__ = ["Report", "infer_method", "main", "validate_recipe"]
 
-USAGE = """usage: gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--field value ...]
+USAGE = """usage: gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--here] [--field value ...]
 
 Checks recipes and their DeepSpeed config without loading a model or data, with any overrides the
 training command would take (e.g. --deepspeed ds_configs/zero3.json). Prints one OK line per good
-recipe, else every problem on its own line. Exit status: 0 all good, 1 problems, 2 bad usage."""
+recipe, else every problem on its own line; then what this machine lacks for it ("on this machine:",
+e.g. a GPU for bf16), which counts as a problem only with --here (the recipe will run here).
+Exit status: 0 all good, 1 problems, 2 bad usage."""
 
 _TRAINING_ONLY = {"deepspeed"}  # checked against the DeepSpeed JSON below, not by TrainingArguments
 _PATHS = ("dataset_name", "dataset_prompt_column", "dataset_completion_column", "model_name_or_path",
@@ -63,12 +71,14 @@ class Report:
     method: str
     deepspeed: str | None = None
     problems: list[str] = field(default_factory=list)
+    # What this machine lacks for the recipe (a GPU for bf16, a package): problems only with --here.
+    machine: list[str] = field(default_factory=list)
 
-    def lines(self) -> list[str]:
-        if self.problems:
-            return self.problems
+    def lines(self, here: bool = False) -> list[str]:
+        if self.problems or (here and self.machine):
+            return self.problems + self.machine
         where = f", {self.deepspeed}" if self.deepspeed else ""
-        return [f"OK {self.recipe} ({self.method}{where})"]
+        return [f"OK {self.recipe} ({self.method}{where})", *self.machine]
 
 
 @functools.cache
@@ -150,18 +160,27 @@ def _one_process():
 _MISMATCH = re.compile(r"- ds (\S+)=(.*) vs hf (\S+)=(.*)")
 
 
-def _zero_problems(zero: dict) -> tuple[list[str], object | None]:
-    """DeepSpeed's own schema for ``zero_optimization`` (unknown keys, bad values)."""
+def zero_config(config: dict) -> tuple[list[str], object | None]:
+    """DeepSpeed's own schema for ``zero_optimization`` (unknown keys, bad values): the problems, one
+    line each, and the parsed ``DeepSpeedZeroConfig`` (None if invalid)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from pydantic import ValidationError
 
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return ["zero_optimization must be a JSON object"], None
     try:
         return [], DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
     except ValidationError as error:
         problems = []
         for item in error.errors():
             where = ".".join(str(part) for part in item["loc"])
-            what = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            if item["type"] == "extra_forbidden":
+                what = "unknown key"
+            elif where == "stage":  # pydantic lists the enum's values with an alias: "0, 1, 2, 3 or 3"
+                what = f"{item.get('input')!r} is not a ZeRO stage (0, 1, 2 or 3)"
+            else:
+                what = f"{item['msg']} (got {item.get('input')!r})"
             problems.append(f"zero_optimization.{where}: {what}")
         return problems, None
 
@@ -188,13 +207,11 @@ def deepspeed_problems(config: dict, args, recipe: dict) -> list[str]:
 
     from .train import deepspeed_refusals
 
-    problems = deepspeed_refusals(config)
-    zero = config.get("zero_optimization") or {}
-    if not isinstance(zero, dict):
-        return [*problems, "zero_optimization must be a JSON object"]
-    schema_problems, zero_config = _zero_problems(zero)
-    problems += schema_problems
-    stage = int(zero_config.stage) if zero_config is not None else None  # None: invalid, reported above
+    problems = deepspeed_refusals(config)  # what GMT refuses, and DeepSpeed's schema
+    if not isinstance(config.get("zero_optimization") or {}, dict):
+        return problems
+    _, zero = zero_config(config)
+    stage = int(zero.stage) if zero is not None else None  # None: invalid, reported above
 
     if args is not None:
         resolved = HfTrainerDeepSpeedConfig(copy.deepcopy(config))
@@ -226,17 +243,17 @@ def deepspeed_problems(config: dict, args, recipe: dict) -> list[str]:
     if config.get("scheduler") and "lr_scheduler_type" in recipe:
         problems.append(f"the JSON's scheduler block replaces the recipe's lr_scheduler_type: "
                         f"{recipe['lr_scheduler_type']} (remove one of them)")
-    if zero_config is not None:
-        if stage == 3 and not zero_config.gather_16bit_weights_on_model_save:
+    if zero is not None:
+        if stage == 3 and not zero.gather_16bit_weights_on_model_save:
             problems.append("ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: true "
                             "saves no model transformers can load (gmt-align saves one at the end): set it true")
-        offload_optimizer = zero_config.offload_optimizer
+        offload_optimizer = zero.offload_optimizer
         if (offload_optimizer is not None and offload_optimizer.device == "cpu"
                 and not config.get("optimizer") and config.get("zero_force_ds_cpu_optimizer", True) is not False):
             problems.append("offload_optimizer with the Trainer's own optimizer needs "
                             "\"zero_force_ds_cpu_optimizer\": false (or a JSON optimizer block), "
                             "else DeepSpeed refuses it at start-up")
-        if zero_config.offload_param is not None and stage != 3:
+        if zero.offload_param is not None and stage != 3:
             problems.append(f"zero_optimization.offload_param has no effect at ZeRO stage {stage} (only ZeRO-3 "
                             "offloads parameters)")
     return problems
@@ -267,7 +284,8 @@ def validate_recipe(
     (``deepspeed`` is one of them, given apart for convenience)."""
     import yaml
 
-    from .train import RecipeError, load_deepspeed_config, source_problems
+    from .environment import machine_problems
+    from .train import RecipeError, exclude_problems_before_loading, load_deepspeed_config, source_problems
 
     recipe_name = str(path)
     report = Report(recipe_name, method or "sft")
@@ -307,13 +325,19 @@ def validate_recipe(
     ds_source = recipe.get("deepspeed")
 
     # On the raw values, so that a recipe TRL cannot parse still has its paths checked.
-    values = {k: recipe.get(k) for k in _PATHS}
-    raw = SimpleNamespace(**{k: v if v is None or isinstance(v, (str, bool)) else str(v) for k, v in values.items()})
+    paths = {k: recipe[k] for k in _PATHS if k in recipe}
+    raw = {**recipe, **{k: v if v is None or isinstance(v, (str, bool)) else str(v) for k, v in paths.items()}}
     for message in source_problems(raw, raw, raw):
         problem(message)
+    report.machine = [f"{recipe_name}: on this machine: {message}" for message in machine_problems(raw, raw)]
     parsed, error = _build_args(method, {k: v for k, v in recipe.items() if k not in _TRAINING_ONLY})
     if error:
         problem(error)
+    if parsed:
+        _, training_args, model_args = parsed[:3]
+        for message in exclude_problems_before_loading(training_args, model_args):
+            problem(message)
+        report.machine += [f"{recipe_name}: on this machine: {message}" for message in _run_folder_notes(training_args)]
 
     if ds_source:
         report.deepspeed = ds_source if isinstance(ds_source, str) else f"{recipe_name} (inline deepspeed)"
@@ -329,17 +353,32 @@ def validate_recipe(
     return report
 
 
+def _run_folder_notes(training_args) -> list[str]:
+    """What the run would refuse given the folders as they are now (``output_dir`` already holding a
+    run, no complete checkpoint to resume from): a note, since they may change before it runs."""
+    from .runs import RunFolderError, prepare_run_folder
+
+    try:
+        prepare_run_folder(training_args, first_on_node=False)  # never removes anything
+    except RunFolderError as error:
+        return [str(error)]
+    return []
+
+
 def main(argv: Sequence[str]) -> int:
     # DeepSpeed is imported for its config schema only; without this it probes for an accelerator
     # and prints a warning on a machine that has none (a login node).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    recipes, method, overrides = [], None, {}
+    recipes, method, overrides, here = [], None, {}, False
     argv = list(argv)
     while argv:
         arg = argv.pop(0)
         if arg in ("-h", "--help"):
             print(USAGE)
             return 0
+        if arg == "--here":
+            here = True
+            continue
         if not arg.startswith("--"):
             recipes.append(arg)
             continue
@@ -359,6 +398,6 @@ def main(argv: Sequence[str]) -> int:
     status = 0
     for recipe in recipes:
         report = validate_recipe(recipe, method=method, overrides=overrides)
-        print("\n".join(report.lines()))
-        status = max(status, 1 if report.problems else 0)
+        print("\n".join(report.lines(here)))
+        status = max(status, 1 if report.problems or (here and report.machine) else 0)
     return status

@@ -210,12 +210,14 @@ def test_command_line_overrides_are_read_as_the_training_command_reads_them(caps
 def test_real_process_loads_no_model_and_joins_no_job(write):
     """A hub id that cannot be loaded offline: validate never tries. And a launcher's variables in the
     environment (a job script, or validate run by mistake under torchrun) must not make it start a
-    process group and wait for peers: before this was handled, it hung here."""
+    process group and wait for peers: before this was handled, it hung here. The variables users
+    commonly set (WANDB_MODE=offline made transformers print a line on stdout) change nothing."""
     from multirank.launch import free_port
 
     recipe, _ = write({"gmt_mask_ratio": 2})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
+           "MASTER_PORT": str(free_port()), "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-m", "gmt_align.cli", "validate", recipe, "--deepspeed",
                              "ds_configs/zero3.json"], check=False, capture_output=True, text=True, env=env, cwd=ROOT,
                             timeout=120)

@@ -1,0 +1,59 @@
+"""Bad data and a DeepSpeed config DeepSpeed rejects: one line naming the file, the row (and line) and
+what is wrong, exit status 2, before any model loads (docs/trl-options.md#data-errors)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import messages, recipe_writer, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    return recipe_writer(tmp_path)
+
+
+def test_zero_stage_4_is_one_line(capsys, recipe, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    status, lines = run(capsys, "sft", "--config", recipe(), "--deepspeed", str(config))
+    assert (status, lines) == (2, ["gmt-align sft: error: zero_optimization.stage: 4 is not a ZeRO stage (0, 1, 2 or 3)"])
+
+
+DPO_ROW = {"prompt": "1+1", "chosen": "2", "rejected": "3"}
+
+
+@pytest.mark.parametrize("method,content,needle", [
+    ("sft", '{"messages": []}\n{"messages": [oops\n', "{file} line 2: not valid JSON (Expecting value, column 15)"),
+    ("sft", '{"question": "1+1", "answer": "2"}\n', "{file}: no SFT column: TRL's SFT reads 'messages'"),
+    ("sft", json.dumps(messages(1)) + '\n\n{"text": "2"}\n', "{file} row 2 (line 3): no 'messages'"),
+    ("sft", json.dumps(messages(1)) + '\n{"messages": []}\n', "{file} row 2 (line 2): an empty 'messages'"),
+    ("sft", "", "{file}: empty file (no rows)"),
+    ("sft", b'{"text": "caf\xe9"}\n', "{file} line 1: not UTF-8 text (byte 0xe9 at column 14)"),
+    ("sft", '[1, 2]\n', "{file} line 1: a JSON object per line is expected, got list"),
+    ("dpo", '{"prompt": "1+1", "chosen": "2"}\n', "{file}: DPO needs 'chosen' and 'rejected' columns, and 'rejected' is missing"),
+    ("dpo", json.dumps(DPO_ROW) + '\n{"prompt": "1+2", "chosen": "3"}\n', "{file} row 2 (line 2): no 'rejected'"),
+])
+def test_bad_data_is_one_line_naming_file_and_row(capsys, recipe, tmp_path, method, content, needle):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    status, lines = run(capsys, method, "--config", recipe(dataset_name=str(data)))
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"gmt-align {method}: error: {needle.format(file=data)}"), lines
+
+
+def test_bad_data_in_a_real_process(recipe, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(messages(1)) + "\n{oops}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "gmt_align.cli", "sft", "--config", recipe(dataset_name=str(data))],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"gmt-align sft: error: {data} line 2: not valid JSON (Expecting property name enclosed in double quotes, "
+        "column 2)"]
