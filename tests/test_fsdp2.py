@@ -8,9 +8,10 @@ import itertools
 import json
 
 import pytest
+import yaml
 
-from gmt_align.adapters.fsdp2 import FSDP1_REFUSAL, fsdp1_problems
-from multirank.launch import run_ranks
+from gmt_align.adapters.fsdp2 import FSDP1_REFUSAL, fsdp_problems
+from multirank.launch import ROOT, run_ranks
 
 MATRIX = [
     dict(dtype=dtype, granularity=granularity, mode=mode, ratio=0.3)
@@ -148,4 +149,49 @@ def test_unmappable_layouts_are_refused_in_one_line(results, case, needle):
 def test_fsdp1_is_refused_at_parse_time(args, environ, refused):
     from types import SimpleNamespace
 
-    assert fsdp1_problems(SimpleNamespace(**args), environ) == ([FSDP1_REFUSAL] if refused else [])
+    assert fsdp_problems(SimpleNamespace(deepspeed=None, **args), environ) == ([FSDP1_REFUSAL] if refused else [])
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n')
+
+    def write(**overrides):
+        fields = {"model_name_or_path": "gmt-align-tests/no-such-model", "dataset_name": str(data),
+                  "output_dir": str(tmp_path / "out"), "bf16": False, "report_to": "none", **overrides}
+        path = tmp_path / "sft.yaml"
+        path.write_text(yaml.safe_dump(fields))
+        return str(path)
+
+    return write
+
+
+def one_line_refusal(capsys, *argv):
+    from gmt_align.cli import main
+
+    status = main(list(argv))
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and "Warning" not in line and not line.startswith("[transformers]")]  # its deprecations
+    assert status == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_fsdp1_in_the_recipe_is_refused_by_validate_and_before_loading(capsys, recipe):
+    from gmt_align.validate import validate_recipe
+
+    path = recipe(fsdp=True, fsdp_config={"version": 1})
+    assert [p for p in validate_recipe(path).problems if "FSDP" in p] == [f"{path}: {FSDP1_REFUSAL}"]
+    assert FSDP1_REFUSAL in one_line_refusal(capsys, "sft", "--config", path)
+    assert validate_recipe(recipe(fsdp=True, fsdp_config={"version": 2})).problems == []
+
+
+@pytest.mark.parametrize("environ,extra,needle", [
+    ({"FSDP_VERSION": "1"}, [], FSDP1_REFUSAL),  # accelerate launch with fsdp_version: 1
+    ({"FSDP_VERSION": "2"}, ["--deepspeed", "ds_configs/zero3.json"], 'add --deepspeed ""'),  # a paper recipe
+])
+def test_what_accelerate_launch_exports_is_checked_before_loading(capsys, monkeypatch, recipe, environ, extra, needle):
+    monkeypatch.chdir(ROOT)
+    for name, value in {"ACCELERATE_USE_FSDP": "true", **environ}.items():
+        monkeypatch.setenv(name, value)
+    assert needle in one_line_refusal(capsys, "sft", "--config", recipe(), *extra)

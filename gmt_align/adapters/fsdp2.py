@@ -32,7 +32,7 @@ __all__ = [
     "FSDP1_REFUSAL",
     "ShardAdapter",
     "contract_missing",
-    "fsdp1_problems",
+    "fsdp_problems",
     "fsdp2_layout",
     "holds_dtensors",
     "refuse_fsdp1",
@@ -90,22 +90,29 @@ def refuse_fsdp1(model: torch.nn.Module) -> None:
         raise UnsupportedOptimizerError(FSDP1_REFUSAL)
 
 
-def fsdp1_problems(training_args, environ=None) -> list[str]:
-    """Parse time: ``[FSDP1_REFUSAL]`` when this run would train under FSDP1, before any model loads.
+def fsdp_problems(training_args, environ=None) -> list[str]:
+    """Parse time, before any model loads: one line per FSDP setting GMT cannot run.
 
-    The Trainer builds its FSDP plugin from the recipe's ``fsdp``/``fsdp_config`` (``version``
-    defaults to 2 in transformers) when set; otherwise accelerate builds it from what ``accelerate
-    launch`` exported from its config (``FSDP_VERSION``, which defaults to 1 there).
+    - FSDP1. The Trainer builds its FSDP plugin from the recipe's ``fsdp``/``fsdp_config`` when set
+      (``version`` defaults to 2 in transformers); otherwise accelerate builds it from what
+      ``accelerate launch`` exported from its config (``FSDP_VERSION``, which defaults to 1 there).
+    - FSDP from ``accelerate launch`` next to the recipe's ``deepspeed:`` (the paper recipes name
+      ZeRO-3): one of the two would be dropped without a word.
     """
     environ = os.environ if environ is None else environ
     plugin_args = getattr(training_args, "fsdp_plugin_args", None)
+    launched_fsdp = environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if plugin_args:
         version = plugin_args.get("fsdp_version", 2)
-    elif environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    elif launched_fsdp:
         version = environ.get("FSDP_VERSION", "1")
     else:
         return []
-    return [] if str(version) == "2" else [FSDP1_REFUSAL]
+    problems = [] if str(version) == "2" else [FSDP1_REFUSAL]
+    if launched_fsdp and getattr(training_args, "deepspeed", None):
+        problems.append(f"accelerate launched FSDP, but the recipe names a DeepSpeed config ({training_args.deepspeed}): "
+                        "add --deepspeed \"\" to train under FSDP2, or launch with a ZeRO accelerate config")
+    return problems
 
 
 def _shard_dim(param, name: str) -> int | None:
