@@ -205,3 +205,12 @@ def test_fsdp_launch_next_to_a_recipes_deepspeed_is_refused():
     assert 'add --deepspeed ""' in problem and "ds_configs/zero3.json" in problem
     assert fsdp_problems(SimpleNamespace(fsdp_plugin_args=None, deepspeed=""), {"ACCELERATE_USE_FSDP": "true",
                                                                              "FSDP_VERSION": "2"}) == []
+
+
+def test_the_accelerate_config_is_fsdp2_as_accelerate_reads_it():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(ROOT / "recipes" / "accelerate_configs" / "fsdp2.yaml"))
+    assert loaded.distributed_type == "FSDP" and loaded.fsdp_config["fsdp_version"] == 2
+    assert loaded.mixed_precision in (None, "no")  # precision comes from the recipe
+    assert loaded.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the final model saved whole

@@ -39,10 +39,11 @@ __all__ = [
 ]
 
 CONTRACT = {
-    # where -> names this module reads; contract_missing() checks them on real instances.
-    "DTensor": ("placements", "device_mesh", "to_local", "shape"),
-    "DeviceMesh": ("ndim", "size", "get_group"),
+    # where -> every name this module reads there; contract_missing() checks them on real instances.
+    "DTensor": ("placements", "device_mesh", "to_local", "shape"),  # parameters and their .grad
+    "DeviceMesh": ("get_group",),
     "Placement": ("is_replicate",),
+    "Shard": ("dim",),
     "torch.distributed.tensor._utils": ("compute_local_shape_and_global_offset",),  # private
     "torch.distributed.fsdp": ("FullyShardedDataParallel", "FlatParameter"),  # FSDP1, to refuse it
 }
@@ -72,12 +73,15 @@ def contract_missing(params) -> list[str]:
     missing += [f"torch.distributed.tensor._utils.{n}" for n in CONTRACT["torch.distributed.tensor._utils"]
                 if not hasattr(utils, n)]
     for param in params[:1]:
-        missing += [f"DTensor.{n}" for n in CONTRACT["DTensor"] if not hasattr(param, n)]
+        for tensor in (param, param.grad) if param.grad is not None else (param,):
+            missing += [f"DTensor.{n}" for n in CONTRACT["DTensor"] if not hasattr(tensor, n)]
         if hasattr(param, "device_mesh"):
             missing += [f"DeviceMesh.{n}" for n in CONTRACT["DeviceMesh"] if not hasattr(param.device_mesh, n)]
-        for placement in getattr(param, "placements", ())[:1]:
+        for placement in getattr(param, "placements", ()):
             missing += [f"Placement.{n}" for n in CONTRACT["Placement"] if not hasattr(placement, n)]
-    return missing
+            if not placement.is_replicate():
+                missing += [f"Shard.{n}" for n in CONTRACT["Shard"] if not hasattr(placement, n)]
+    return list(dict.fromkeys(missing))
 
 
 def refuse_fsdp1(model: torch.nn.Module) -> None:
