@@ -88,27 +88,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return evaluate(rest)
 
-    from .train import METHODS, DataError, RecipeError, parse_recipe, train
+    from .train import METHODS
 
     if command not in METHODS:
         choices = ", ".join((*METHODS, "validate", "report", "eval", "env"))
         print(f"gmt-align: error: unknown command {command!r} (choose from {choices})", file=sys.stderr)
         return 2
-    if _asks_for_deepspeed(rest):  # no launcher: DeepSpeed would look for MPI; run as one rank instead
-        os.environ.update(single_process_environment())
+    # No launcher: DeepSpeed would look for MPI; run as one rank instead. Taken back on return, so
+    # that a caller in the same process (a test) does not hand these variables to its children.
+    added = single_process_environment() if _asks_for_deepspeed(rest) else {}
+    os.environ.update(added)
+    try:
+        return _run(command, rest)
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _run(command: str, rest: list[str]) -> int:
+    from .adapters import UnsupportedOptimizerError
+    from .config import GMTSettingError
+    from .runs import RunFolderError
+    from .selection import NonFiniteGradientError
+    from .stats_file import TelemetryStateError
+    from .train import DataError, RecipeError, parse_recipe, train
+
     try:
         parsed = parse_recipe(command, rest)
     except RecipeError as error:
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
-    from .adapters import UnsupportedOptimizerError
-    from .config import GMTSettingError
-    from .runs import RunFolderError
-    from .selection import NonFiniteGradientError
-
     try:
         train(command, *parsed)
-    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError) as error:  # before any step
+    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError, TelemetryStateError) as error:
+        # all raised before the first step
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteGradientError as error:  # every rank stops here together; no weight was written

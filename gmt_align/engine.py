@@ -31,7 +31,6 @@ import torch
 
 from .kernels import restore_masked
 from .selection import (
-    INF_BITS,
     NonFiniteGradientError,
     Reduce,
     keep_count,
@@ -87,7 +86,9 @@ class MaskEngine:
     def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
         self.options = options
         self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every apply() from then on
-        # Called at the end of every apply() with (the masked fragments, step): telemetry hooks in here.
+        # Called in every apply() with (the fragments, step): ``before_mask`` before selection,
+        # ``observers`` once their gradients are masked. MaskTelemetry hooks in here.
+        self.before_mask: list = []
         self.observers: list = []
         self._saved_buffers: dict[tuple, torch.Tensor] = {}  # update mode: the weights before the step
         self.recorded: list[tuple[int, int, torch.Tensor]] = []
@@ -169,6 +170,10 @@ class MaskEngine:
                     fragment._saved = self._saved_buffers[key].copy_(fragment.weight)
         names = [self.unit_names[u] for u in units]
         keep = [self.keep[u] for u in units]
+        if self.before_mask:
+            masking = [f for group in by_row for f in group]
+            for observer in self.before_mask:
+                observer(masking, self.step)
         if self.options.selection == "magnitude":
             thresholds, kept = select_and_mask(
                 len(units), lambda row: [f.grad for f in by_row[row]], keep,
@@ -233,31 +238,12 @@ class MaskEngine:
                 fragment.weight[masked] = saved[masked]
             fragment._saved = None
 
-    # --- figures ----------------------------------------------------------------------------
-    def pop_stats(self) -> dict[str, float]:
-        """Figures since the last call, for the Trainer's ``log()`` (``gmt/...`` keys).
-
-        Collective when the engine has a ``reduce``: every process must call it at the same time
-        (the Trainer calls ``log()`` on every process).
-        """
-        kept = self.kept_counts.clone()
-        if self.reduce is not None:
-            kept = self.reduce(kept)
-        if self.steps_since_log == 0:
-            return {}
-        maskable = torch.tensor(self.maskable)
-        numel = torch.tensor([t.numel for t in self.tensors], dtype=torch.int64)
-        total = int(numel[maskable].sum()) * self.steps_since_log
-        stats = {
-            "gmt/kept_fraction": float(kept[maskable].sum()) / max(total, 1),
-            "gmt/masked_fraction_target": float(self.options.mask_ratio),
-        }
-        finite = self.thresholds[(self.thresholds >= 0) & (self.thresholds < INF_BITS)]
-        if finite.numel():
-            values = finite.to(torch.int32).view(torch.float32)
-            stats["gmt/threshold_min"] = float(values.min())
-            stats["gmt/threshold_median"] = float(values.median())
-            stats["gmt/threshold_max"] = float(values.max())
+    # --- counts for the figures (MaskTelemetry owns the figures and reduces these) ----------------
+    def take_counts(self) -> tuple[torch.Tensor, int]:
+        """This process's kept entries per tensor and the optimizer steps since the last call; resets
+        both. Not collective: :meth:`gmt_align.telemetry.MaskTelemetry.pop_figures` reduces them
+        together with its own sums, in one all-reduce."""
+        kept, steps = self.kept_counts.clone(), self.steps_since_log
         self.kept_counts.zero_()
         self.steps_since_log = 0
-        return stats
+        return kept, steps

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -70,10 +69,8 @@ class GMTRunRecord(TrainerCallback, ExportableState):
     as the Trainer rebuilds it with ``restore_callback_states_from_checkpoint``.
     """
 
-    def __init__(self, settings: dict | None = None, run_id: str | None = None, world_size: int = 1,
-                 telemetry_files: bool = False):
+    def __init__(self, settings: dict | None = None, world_size: int = 1, telemetry_files: bool = False):
         self.settings = dict(settings or {})
-        self.run_id = run_id or uuid.uuid4().hex[:12]
         self.world_size = world_size
         self.telemetry_files = telemetry_files
 
@@ -85,7 +82,7 @@ class GMTRunRecord(TrainerCallback, ExportableState):
         self.telemetry_files = bool(args.gmt_mask_ratio > 0 and args.gmt_telemetry)
 
     def state(self) -> dict:
-        return {"args": {"settings": self.settings, "run_id": self.run_id, "world_size": self.world_size,
+        return {"args": {"settings": self.settings, "world_size": self.world_size,
                          "telemetry_files": self.telemetry_files}, "attributes": {}}
 
 
@@ -122,7 +119,7 @@ def complete_checkpoint(checkpoint: Path) -> str | None:
 def resolve_resume(resume, output_dir: str) -> str | None:
     """``resume_from_checkpoint`` as a checkpoint path (or ``None``): ``true`` (also the command
     line's ``"true"``) means the newest complete checkpoint of ``output_dir``."""
-    if isinstance(resume, str) and resume.strip().lower() in ("true", "yes", "1", "false", "no", "0", ""):
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
         resume = resume.strip().lower() in ("true", "yes", "1")
     if resume is False or resume is None:
         return None

@@ -173,6 +173,9 @@ def _missing(path: str) -> bool:
     return _looks_local(path) and not Path(path).expanduser().exists()
 
 
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "1", "0", "")
+
+
 def source_problems(script_args, training_args, model_args) -> list[str]:
     """Everything a recipe names that must exist or fit together before training: one line per problem.
 
@@ -193,6 +196,9 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     template = option_value(training_args, "chat_template_path")  # an SFT field
     if template and _missing(template):
         problems.append(f"chat_template_path: no such file {template}")
+    resume = option_value(training_args, "resume_from_checkpoint")  # a path, or true/false (YAML or command line)
+    if isinstance(resume, str) and resume.strip().lower() not in BOOLEAN_WORDS and not Path(resume).expanduser().is_dir():
+        problems.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
     return problems + model_option_problems(model_args)
 
 
@@ -245,6 +251,17 @@ def model_kwargs(model_args) -> dict:
     return {"peft_config": get_peft_config(model_args), "quantization_config": get_quantization_config(model_args)}
 
 
+def ignore_bool_buffers(model) -> list[str]:
+    """``ignore_bias_buffers``, as TRL's ``dpo`` script applies it: DDP leaves the model's boolean
+    buffers (e.g. causal masks of older architectures) unsynchronised across ranks."""
+    import torch
+
+    model._ddp_params_and_buffers_to_ignore = [
+        name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool
+    ]
+    return model._ddp_params_and_buffers_to_ignore
+
+
 def train(method: str, script_args, training_args, model_args):
     """Load data and model, train with GMT, save model + tokenizer to ``output_dir``."""
     import transformers
@@ -273,6 +290,8 @@ def train(method: str, script_args, training_args, model_args):
         eval_dataset=eval_dataset,
         **model_kwargs(model_args),
     )
+    if script_args.ignore_bias_buffers:
+        ignore_bool_buffers(trainer.model)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"gmt-align: model saved to {os.path.abspath(training_args.output_dir)}")

@@ -3,9 +3,11 @@
 The trainers add one callback and extend ``log()``; nothing of TRL's training loop is copied.
 The engine is attached in ``on_train_begin``, after ``accelerator.prepare`` has built the
 optimizer that really steps (a torch optimizer, or DeepSpeed's ZeRO optimizer), and figures
-leave through the Trainer's own ``log()`` so every ``report_to`` backend receives them. The same
-callback saves the mask telemetry (:mod:`gmt_align.telemetry`) with each checkpoint and takes it
-back on resume; rank 0 also appends each logging step's figures to ``OUTPUT_DIR/gmt_stats.jsonl``.
+leave through the Trainer's own ``log()`` so every ``report_to`` backend receives them (the
+console and W&B see them through :mod:`gmt_align.log_routing`). The same callback saves the mask
+telemetry (:mod:`gmt_align.telemetry`) and the run id with each checkpoint and takes them back on
+resume; rank 0 also appends each logging step's figures to ``OUTPUT_DIR/gmt_stats.jsonl``
+(:mod:`gmt_align.stats_file`).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from trl import DPOTrainer, SFTTrainer
 
 from .adapters import attach
 from .config import GMTArguments, GMTSettingError, exclude_problems, mask_options
-from .distributed import rank_of, world_size_of
-from .report import STATS_FILE
-from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder, saved_record
+from .distributed import AllReduce, rank_of, world_size_of
+from .figures import is_group_key
+from .log_routing import route_figures
+from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder
 from .selection import NonFiniteGradientError
-from .telemetry import MaskTelemetry, append_jsonl
+from .stats_file import STATS_FILE, TelemetryStateError, append_record, continue_run, read_run_id, write_run_id
+from .telemetry import MaskTelemetry, read_state
 
 
 __all__ = ["GMTDPOTrainer", "GMTSFTTrainer"]
@@ -43,13 +47,7 @@ class _AttachGMT(TrainerCallback):
         if trainer.gmt is not None:
             trainer.gmt.detach()
         trainer.gmt = attach(optimizer, model, mask_options(args), lambda: state.global_step)
-        trainer.mask_telemetry = MaskTelemetry(trainer.gmt.engine, per_entry=args.gmt_telemetry)
-        if trainer._gmt_resume and args.gmt_telemetry:
-            path = Path(trainer._gmt_resume) / f"gmt_telemetry_rank{rank_of()}.pt"
-            why = "no gmt telemetry in the checkpoint" if not path.is_file() else \
-                trainer.mask_telemetry.load_state_dict(torch.load(path), world_size_of())
-            if why:
-                warnings.warn(f"GMT coverage starts afresh at step {state.global_step}: {why}", stacklevel=2)
+        start_telemetry(trainer, args, state, restart=trainer._gmt_restart_telemetry)
 
     def on_step_end(self, args, state, control, **kwargs):
         """A step that ZeRO skipped for a non-finite gradient norm (fp32/bf16): the same rule as
@@ -65,30 +63,92 @@ class _AttachGMT(TrainerCallback):
         )
 
     def on_save(self, args, state, control, **kwargs):
-        telemetry = self.trainer.mask_telemetry
-        if telemetry is not None and telemetry.per_entry:  # every rank saves its own fragments
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            checkpoint.mkdir(parents=True, exist_ok=True)
-            torch.save(telemetry.state_dict(world_size_of()), checkpoint / f"gmt_telemetry_rank{rank_of()}.pt")
+        save_telemetry(self.trainer, args, state)
 
-    def on_log(self, args, state, control, **kwargs):
-        """W&B: the per-block kept fractions as one histogram per logging step (bins are blocks)."""
-        by_block = self.trainer._gmt_by_block
-        if not by_block or "wandb" not in (args.report_to or []) or not state.is_world_process_zero:
-            return
-        import wandb
 
-        if wandb.run is not None:
-            edges = list(range(len(by_block) + 1))
-            wandb.run.log({"train/gmt/kept_fraction_by_block": wandb.Histogram(np_histogram=(by_block, edges)),
-                           "train/global_step": state.global_step})
+# --- telemetry: start or continue a run's figures; save them with checkpoints -----------------------
+def telemetry_file(checkpoint: str | Path) -> Path:
+    return Path(checkpoint) / f"gmt_telemetry_rank{rank_of()}.pt"
+
+
+def start_telemetry(trainer, args, state, restart: bool = False) -> None:
+    """Telemetry for this run: the per-entry state saved with the checkpoint training resumes from
+    (unless ``restart``: coverage then starts afresh) and, on rank 0, ``gmt_stats.jsonl`` tied to
+    the run (:func:`gmt_align.stats_file.continue_run`), in that order, so that nothing is written
+    when a state file cannot be read.
+
+    Collective: every rank learns whether any could not go on, so they raise (an unreadable file:
+    :class:`TelemetryStateError`) or start coverage afresh (state missing on a rank, or saved with
+    another world size) together.
+    """
+    telemetry = trainer.mask_telemetry = MaskTelemetry(trainer.gmt.engine, per_entry=args.gmt_telemetry)
+    resume = trainer._gmt_resume
+    afresh = None
+
+    def restore():
+        nonlocal afresh
+        if resume and args.gmt_telemetry:
+            path = telemetry_file(resume)
+            afresh = ("coverage restart requested" if restart else f"no {path.name} in {resume}" if not path.is_file()
+                      else telemetry.load_state_dict(read_state(path), world_size_of()))
+
+    def tie_stats_file():
+        if state.is_world_process_zero:
+            saved = read_run_id(resume) if resume else None
+            trainer._gmt_run_id = continue_run(Path(args.output_dir) / STATS_FILE, saved,
+                                               state.global_step if resume else None)
+
+    _on_every_rank(restore)
+    _on_every_rank(tie_stats_file)
+    if AllReduce()(torch.tensor([afresh is not None], dtype=torch.int64)).item():
+        telemetry.pending = {}
+        warnings.warn(f"GMT coverage starts afresh at step {state.global_step}: "
+                      f"{afresh or 'another rank holds no telemetry state'}", stacklevel=2)
+
+
+def _on_every_rank(step) -> None:
+    """Run ``step``; if it raised :class:`TelemetryStateError` on any rank, raise on every rank."""
+    problem = None
+    try:
+        step()
+    except TelemetryStateError as error:
+        problem = error
+    if AllReduce()(torch.tensor([problem is not None], dtype=torch.int64)).item():
+        raise problem or TelemetryStateError("GMT telemetry could not continue on another rank (see its error)")
+
+
+def save_telemetry(trainer, args, state) -> None:
+    """Each rank's per-entry state and (rank 0) the run id, into the checkpoint being saved; written
+    to a temporary name and renamed, so a kill while saving leaves no truncated file."""
+    checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    telemetry = trainer.mask_telemetry
+    if telemetry is not None and telemetry.per_entry:  # every rank saves its own fragments
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        path = telemetry_file(checkpoint)
+        torch.save(telemetry.state_dict(world_size_of()), path.with_name(path.name + ".partial"))
+        os.replace(path.with_name(path.name + ".partial"), path)
+    if state.is_world_process_zero and trainer._gmt_run_id is not None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        write_run_id(checkpoint, trainer._gmt_run_id)
+
+
+def log_figures(trainer, logs: dict) -> None:
+    """Add the figures since the last log to ``logs`` (collective: every rank logs at the same
+    steps) and, on rank 0, append them to ``gmt_stats.jsonl`` with the run id and step."""
+    figures = trainer.mask_telemetry.pop_figures()
+    logs.update(figures)
+    if figures and trainer.is_world_process_zero():
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        record = {"run_id": trainer._gmt_run_id, "step": trainer.state.global_step, **figures}
+        append_record(Path(trainer.args.output_dir) / STATS_FILE, record)
 
 
 class _GMTMixin:
     gmt = None  # the adapter, once attached
     mask_telemetry: MaskTelemetry | None = None
     _gmt_resume: str | None = None  # the checkpoint training resumes from
-    _gmt_by_block: list[float] = []  # kept fraction per block at the last logging step
+    _gmt_restart_telemetry = False  # resumed under other gmt_* settings: coverage starts afresh
+    _gmt_run_id: str | None = None  # rank 0: the run that gmt_stats.jsonl and checkpoints belong to
 
     def __init__(self, model, *args, **kwargs):
         parent_init = super().__init__  # SFTTrainer takes args second, DPOTrainer third
@@ -106,33 +166,34 @@ class _GMTMixin:
             if problems:
                 raise GMTSettingError(problems[0])
             self.add_callback(_AttachGMT(self))
+            route_figures(self)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """As the Trainer's, after :func:`gmt_align.runs.prepare_run_folder`: ``True`` means the newest
         complete checkpoint, other ``gmt_*`` settings are refused, a folder holding another run too."""
         self.args.resume_from_checkpoint = resume_from_checkpoint
         resume_from_checkpoint = prepare_run_folder(self.args, first_on_node=self.args.local_process_index == 0)
-        record = saved_record(resume_from_checkpoint) if resume_from_checkpoint else None
-        if record and record.get("run_id"):
-            self.gmt_record.run_id = record["run_id"]  # a resumed run is the same run
-        # Telemetry (coverage) continues only under the settings it was gathered with (a change got
-        # this far only with gmt_resume_changed_settings).
-        changed = bool(resume_from_checkpoint and check_resume_settings(resume_from_checkpoint, self.args))
-        self._gmt_resume = None if changed else resume_from_checkpoint
+        self._gmt_resume = resume_from_checkpoint
+        # Coverage continues only under the settings it was gathered with (a change got this far only
+        # with gmt_resume_changed_settings); the run, and its gmt_stats.jsonl, go on either way.
+        self._gmt_restart_telemetry = bool(resume_from_checkpoint and check_resume_settings(resume_from_checkpoint,
+                                                                                            self.args))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        self._gmt_by_block = []
+        """Training logs also carry the ``gmt/...`` figures; the per-group ones (``gmt/FIGURE/GROUP``)
+        go to the backends and ``gmt_stats.jsonl`` but are kept out of ``log_history`` (and so of
+        every checkpoint's ``trainer_state.json``)."""
         if self.gmt is not None and self.gmt.skipped_steps and "loss" in logs:
             logs["gmt/skipped_steps"] = len(self.gmt.skipped_steps)  # the same set on every rank
-        if self.mask_telemetry is not None and "loss" in logs:  # collective: every rank logs
-            stats, self._gmt_by_block = self.mask_telemetry.pop_stats()
-            logs.update(stats)
-            if stats and self.is_world_process_zero():
-                os.makedirs(self.args.output_dir, exist_ok=True)
-                record = {"step": self.state.global_step, **stats, "gmt/kept_fraction_by_block": self._gmt_by_block}
-                append_jsonl(Path(self.args.output_dir) / STATS_FILE, record)
+        with_figures = self.mask_telemetry is not None and "loss" in logs
+        if with_figures:
+            log_figures(self, logs)
         super().log(logs, *args, **kwargs)
+        if with_figures and self.state.log_history:
+            entry = self.state.log_history[-1]
+            for key in [key for key in entry if is_group_key(key)]:
+                del entry[key]
 
 
 class GMTSFTTrainer(_GMTMixin, SFTTrainer):

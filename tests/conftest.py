@@ -8,6 +8,20 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _bind_library_loggers_to_the_real_streams():
+    """transformers and DeepSpeed create their log handlers on first use, bound to the sys.stderr /
+    sys.stdout of that moment. If that moment is inside a test that captures output (capsys), the
+    handler keeps the captured stream, which pytest closes afterwards: every later log line then
+    prints "--- Logging error ---" into whatever the next test reads. Create them now, on the real streams."""
+    import deepspeed.utils.logging  # noqa: F401  (its logger is made at import)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_verbosity()  # configures the library's root handler
+
+
+_bind_library_loggers_to_the_real_streams()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

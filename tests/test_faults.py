@@ -15,6 +15,7 @@ from gmt_align.cli import main as cli_main
 from gmt_align.config import GMTSettingError
 from gmt_align.runs import RunFolderError, complete_checkpoint, prepare_run_folder, saved_record
 from gmt_align.selection import NonFiniteGradientError
+from gmt_align.stats_file import read_run_id
 from multirank.launch import run_ranks
 from quickstart_runs import recipe_argv
 from test_trainers import COMMON, sft_data, tiny_llama
@@ -96,7 +97,7 @@ def test_opted_in_resume_under_new_settings_restarts_telemetry(tokenizer, checkp
     assert resumed.state.global_step == 3
     assert resumed._gmt_resume is None  # coverage gathered under 0.2 is not carried on under 0.5
     assert saved_record(run / "checkpoint-3")["settings"]["gmt_mask_ratio"] == 0.5
-    assert saved_record(run / "checkpoint-3")["run_id"] == saved_record(run / "checkpoint-2")["run_id"]
+    assert read_run_id(run / "checkpoint-3") == read_run_id(run / "checkpoint-2")  # the same run goes on
 
 
 def test_resume_true_from_the_command_line_takes_the_newest_complete_checkpoint(quickstart_files, checkpointed,
@@ -232,3 +233,15 @@ def test_a_diverging_zero2_run_stops_every_rank_with_one_line(quickstart_files, 
     assert not (tmp_path / "model.safetensors").exists()
     first = load_file(str(smollm2_dir / "model.safetensors"))
     assert first  # the base model is untouched by the failed run (it never saves)
+
+
+def test_ignore_bias_buffers_is_applied_as_trl_dpo_applies_it():
+    """TRL's ScriptArguments field is honoured, not accepted and dropped: boolean buffers are left out
+    of DDP's synchronisation (``_ddp_params_and_buffers_to_ignore``)."""
+    from gmt_align.train import ignore_bool_buffers
+
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("causal_mask", torch.ones(2, 2, dtype=torch.bool))
+    model.register_buffer("scale", torch.ones(2))
+    assert ignore_bool_buffers(model) == ["causal_mask"]
+    assert model._ddp_params_and_buffers_to_ignore == ["causal_mask"]

@@ -1,0 +1,106 @@
+"""``gmt-align report`` on synthetic stats files, and gmt_stats.jsonl's one-run rule (gmt_align.stats_file)."""
+
+import json
+import random
+import re
+import struct
+
+import pytest
+
+from gmt_align.cli import main as cli
+from gmt_align.report import MAX_COLUMNS, bin_columns, standouts
+from gmt_align.stats_file import TelemetryStateError, continue_run, read_records
+
+BLOCKS = 30
+
+
+def synthetic(path, steps=1000, every=1, run_id="run-a", odd_block=None, spread=0.01, seed=0):
+    """A stats file of ``steps`` logging steps: per block energy ~0.95, churn ~0.3, coverage growing;
+    ``odd_block`` keeps 0.05 less energy than the others; ``spread``: step-to-step noise."""
+    rng = random.Random(seed)
+    with open(path, "w") as file:
+        for n in range(1, steps + 1):
+            record = {"run_id": run_id, "step": n * every, "gmt/kept_fraction": 0.9, "gmt/retained_energy": 0.95,
+                      "gmt/churn": 0.3, "gmt/coverage": 1 - 0.5 / n}
+            for b in range(BLOCKS):
+                record[f"gmt/retained_energy/block_{b:02d}"] = 0.95 - 0.05 * (b == odd_block) + rng.gauss(0, spread)
+                record[f"gmt/churn/block_{b:02d}"] = 0.3 + rng.gauss(0, spread)
+                record[f"gmt/coverage/block_{b:02d}"] = 1 - 0.5 / n
+            file.write(json.dumps(record) + "\n")
+
+
+def png_size(path):
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the IHDR chunk
+    return width, height
+
+
+def test_a_long_run_gives_bounded_heatmaps_on_a_fixed_scale_and_names_the_odd_block(tmp_path, capsys):
+    synthetic(tmp_path / "gmt_stats.jsonl", odd_block=7)
+    assert cli(["report", str(tmp_path)]) == 0
+    for figure in ("retained_energy", "churn", "coverage"):
+        width, height = png_size(tmp_path / f"gmt_{figure}_heatmap.png")
+        assert width == 1000 and height <= 800, figure
+    summary = (tmp_path / "gmt_summary.txt").read_text()
+    assert "1000 logging steps, steps 1..1000" in summary
+    (energy,) = [line for line in summary.splitlines() if line.startswith("retained energy by block")]
+    assert re.search(r"block_07 -0\.0(49|50|51)", energy) and energy.count("block_") == 1, energy
+    assert "churn by block: no block differs" in summary and "coverage by block: no block differs" in summary
+    assert summary in capsys.readouterr().out + "\n"
+
+
+def test_colours_span_zero_to_one_whatever_the_spread(tmp_path):
+    """Blocks that differ by 1e-7 are one colour, viridis(0.95), not the whole colour bar."""
+    import matplotlib.image
+    from matplotlib import colormaps
+
+    synthetic(tmp_path / "gmt_stats.jsonl", steps=20, spread=1e-7)
+    assert cli(["report", str(tmp_path)]) == 0
+    assert "retained energy by block: no block differs" in (tmp_path / "gmt_summary.txt").read_text()
+    image = matplotlib.image.imread(tmp_path / "gmt_retained_energy_heatmap.png")
+    height, width = image.shape[:2]
+    expected = colormaps["viridis"](0.95)[:3]
+    for y in (0.3, 0.5, 0.7):
+        for x in (0.2, 0.4, 0.6):
+            assert image[int(height * y), int(width * x), :3] == pytest.approx(expected, abs=0.02), (x, y)
+
+
+def test_binning_and_noise():
+    assert bin_columns(list(range(10)), 4) == [1.0, 4.0, 7.0, 9.0]  # bins of 3, the last shorter
+    assert len(bin_columns([0.5] * 12345, MAX_COLUMNS)) <= MAX_COLUMNS
+    rows = [[0.5, 0.6, 0.7], [0.5, 0.6, 0.7], [0.6, 0.7, 0.8]]  # the common trend is not noise
+    noise, named = standouts(["a", "b", "c"], rows)
+    assert noise == pytest.approx(0, abs=1e-12) and [(b, round(d, 9)) for b, d in named] == [("c", 0.1)]
+    assert standouts(["a", "b"], [[0.5, 0.6], [0.7, 0.8]]) == (None, [])  # 2 steps: no noise estimate
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no record"),
+    ('{"run_id": "a", "step": 1}\n{"run_id": "a", "step": 2}\n{"run_id": "a", "st', "gmt_stats.jsonl:3: not a JSON record"),
+    ('{"run_id": "a", "step": 1}\n[1, 2]\n', "gmt_stats.jsonl:2: not a gmt telemetry record"),
+    ('{"run_id": "a", "step": 1}\n{"run_id": "b", "step": 1}\n', "holds 2 runs (a, b; the second from step 1)"),
+])
+def test_report_refuses_what_is_not_one_run(tmp_path, capsys, content, message):
+    (tmp_path / "gmt_stats.jsonl").write_text(content)
+    assert cli(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "gmt_summary.txt").exists()
+
+
+def test_continue_run_keeps_one_run_per_file(tmp_path):
+    path = tmp_path / "gmt_stats.jsonl"
+    synthetic(path, steps=6, every=2, run_id="run-a")
+    with pytest.raises(TelemetryStateError, match="already holds the figures of run run-a \\(steps 2..12"):
+        continue_run(path, "run-b", None)  # a new run
+    with open(path, "a") as file:
+        file.write('{"run_id": "run-a", "step": 14, "gmt/chu')  # killed while writing
+    with pytest.raises(TelemetryStateError, match=r"gmt_stats.jsonl:7: not a JSON record"):
+        read_records(path)
+    with pytest.raises(TelemetryStateError, match="holds the figures of run run-a, not of run run-b"):
+        continue_run(path, "run-b", 6)  # another run's checkpoint
+    with pytest.warns(UserWarning, match="dropped a truncated last record"):
+        assert continue_run(path, "run-a", 6) == "run-a"  # resumed from checkpoint-6: 8..12 are logged again
+    assert [r["step"] for r in read_records(path)] == [2, 4, 6]
+    assert continue_run(path, None, 4) == "run-a"  # a checkpoint without a run id continues the file's run
+    path.write_text("")
+    assert continue_run(path, "run-c", None) == "run-c" and not path.exists()  # an empty file: nothing to keep
