@@ -134,7 +134,7 @@ def run_case(case, rank, world):
         result["optimizer_state"] = len(optimizer.state)
         adapter.detach()
         return result
-    stats, _ = telemetry.pop_stats()
+    stats = telemetry.pop_figures()
 
     # Gather what each rank masked (test only: GMT itself never gathers).
     pieces = [(tid, offset, kept.tolist()) for tid, offset, kept in adapter.engine.recorded]
