@@ -118,9 +118,11 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
         raise RecipeError(f"recipe is not valid YAML: {str(error).splitlines()[0]}") from None
     except ValueError as error:
         raise RecipeError(_one_line(str(error))) from None
+    from .adapters.fsdp2 import fsdp_problems
     from .environment import machine_problems
 
     for problems in (
+        fsdp_problems(training_args),
         source_problems(script_args, training_args, model_args),
         machine_problems(training_args, model_args),
         deepspeed_refusals(load_deepspeed_config(training_args.deepspeed)) if training_args.deepspeed else [],

@@ -330,12 +330,14 @@ def validate_recipe(
     for message in source_problems(raw, raw, raw):
         problem(message)
     report.machine = [f"{recipe_name}: on this machine: {message}" for message in machine_problems(raw, raw)]
+    from .adapters.fsdp2 import fsdp_problems
+
     parsed, error = _build_args(method, {k: v for k, v in recipe.items() if k not in _TRAINING_ONLY})
     if error:
         problem(error)
     if parsed:
         _, training_args, model_args = parsed[:3]
-        for message in exclude_problems_before_loading(training_args, model_args):
+        for message in exclude_problems_before_loading(training_args, model_args) + fsdp_problems(training_args):
             problem(message)
         report.machine += [f"{recipe_name}: on this machine: {message}" for message in _run_folder_notes(training_args)]
 

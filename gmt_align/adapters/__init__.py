@@ -13,6 +13,7 @@ import torch
 
 from ..distributed import AllReduce, rank_of
 from ..engine import MaskEngine, MaskOptions
+from .fsdp2 import ShardAdapter, fsdp2_layout, holds_dtensors, refuse_fsdp1
 from .hooks import HookAdapter, Partition, Piece, tensor_table
 from .torch_optimizer import torch_partitions
 from .zero import (
@@ -47,6 +48,7 @@ def attach(
     tensor_id = {id(p): i for i, p in enumerate(params)}
     kind = type(inner).__name__
     reduce = republish = overflowed = None
+    adapter = HookAdapter
     if type(inner).__module__.startswith("deepspeed"):
         refuse_unmappable(inner)
         if kind == "DeepSpeedZeroOptimizer":  # ZeRO-1 and ZeRO-2, offload or not
@@ -65,10 +67,14 @@ def attach(
         else:
             raise UnsupportedOptimizerError(f"GMT cannot mask inside DeepSpeed's {kind}")
         reduce = AllReduce(inner.dp_process_group)
+    elif isinstance(inner, torch.optim.Optimizer) and holds_dtensors(inner):  # FSDP2: local shards
+        partitions, steppers, group = fsdp2_layout(inner, tensor_id, [t.names[0] for t in tensors])
+        reduce, adapter = (AllReduce(group) if group is not None else None), ShardAdapter
     elif isinstance(inner, torch.optim.Optimizer):
+        refuse_fsdp1(model)
         partitions, steppers = torch_partitions(inner, tensor_id), [inner]
     else:
         raise UnsupportedOptimizerError(f"GMT cannot mask inside {kind}")
 
     engine = MaskEngine(options, tensors, reduce)
-    return HookAdapter(steppers, partitions, engine, current_step, republish, overflowed)
+    return adapter(steppers, partitions, engine, current_step, republish, overflowed)

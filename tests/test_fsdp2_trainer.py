@@ -1,0 +1,119 @@
+"""The real Trainer under FSDP2 on 2 CPU ranks, launched as docs/fsdp2.md says.
+
+- ``accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml`` with the quickstart SFT
+  recipe, 2 ranks x batch 1: after one step it masked what 1 process x batch 2 masks; a run resumed
+  from its (full state dict) checkpoint-1 ends bit for bit where it ends.
+- ``recipes/launch.slurm ... fsdp2`` with a paper DPO recipe on 2 "nodes" of one process each
+  (stand-ins for ``srun``/``scontrol``, as in tests/test_multinode.py), its hub model and data
+  swapped for the quickstart ones.
+
+accelerate never turns FSDP on for CPU ranks; tests/fsdp2_on_cpu/sitecustomize.py replaces only its
+backend choice (read it for what and why). The rest is the shipped path, and the checkpoints show
+it: ``pytorch_model_fsdp.bin`` is what the Trainer's FSDP branch writes.
+
+GMT runs its eager kernels here (``GMT_ALIGN_COMPILE=0``: the same masks bit for bit, see
+gmt_align/kernels.py): loading the C++ kernels and compiling the others costs each process more
+than the whole 2-step run on a busy 2-core machine. tests/test_fsdp2.py runs the default kernels on
+FSDP2 shards.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmt_align.quickstart import prepare_quickstart
+from multirank.launch import ROOT, cpu_env, free_port
+from quickstart_runs import (
+    accelerate_command,
+    assert_unchanged_fraction_is_the_ratio,
+    mask_agreement,
+    recipe_argv,
+    run_launchers,
+    run_recipe,
+    same_weights,
+    saved_weights,
+    unchanged_masks,
+)
+from test_multinode import SCONTROL, SRUN
+
+RATIO = 0.3
+GMT = ["--gmt_mode", "update", "--gmt_mask_ratio", str(RATIO)]
+# No --use_cpu: with it, transformers asks accelerate for CPU ranks, and accelerate gives plain DDP.
+TWO_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "1", "--lr_scheduler_type", "cosine",
+             "--save_strategy", "steps", "--save_steps", "1", *GMT]
+LOGGED_STEP = "'gmt/kept_fraction': '0.7'"  # one per optimizer step, counted over both shards
+
+
+def fsdp_on_cpu_env(**extra):
+    base = cpu_env()
+    return cpu_env(PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "fsdp2_on_cpu"), base["PYTHONPATH"]]),
+                   GMT_TEST_FSDP_ON_CPU="1", GMT_ALIGN_COMPILE="0", **extra)
+
+
+def fsdp2_sft(output_dir, *overrides):
+    command = accelerate_command("fsdp2", recipe_argv("sft", output_dir, *TWO_STEPS, *overrides), 2,
+                                 "--main_process_port", str(free_port()))
+    (stdout,) = run_launchers([command], fsdp_on_cpu_env())
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def quickstart(smollm2_dir):
+    return prepare_quickstart(ROOT / ".cache" / "quickstart")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_checkpointed(quickstart, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_checkpointed")
+    stdout = fsdp2_sft(out)
+    yield out, stdout
+    shutil.rmtree(out, ignore_errors=True)  # about 5 GB of checkpoints
+
+
+def test_sft_under_fsdp2_masks_what_one_process_masks(quickstart, fsdp2_checkpointed, tmp_path, monkeypatch):
+    run, stdout = fsdp2_checkpointed
+    assert stdout.count(LOGGED_STEP) == 2
+    checkpoint = run / "checkpoint-1"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file()
+    monkeypatch.setenv("GMT_ALIGN_COMPILE", "0")
+    run_recipe("sft", tmp_path, "--max_steps", "1", "--per_device_train_batch_size", "2", *GMT)  # same global batch
+    base = saved_weights(quickstart["model"])
+    one, fsdp2 = unchanged_masks(base, saved_weights(tmp_path)), unchanged_masks(base, saved_weights(checkpoint))
+    assert_unchanged_fraction_is_the_ratio(base, saved_weights(checkpoint), RATIO)
+    # Same mask, up to reduction-order rounding of gradients near the threshold.
+    overall, worst = mask_agreement(fsdp2, one)
+    assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
+
+
+def test_fsdp2_resumed_run_ends_where_the_uninterrupted_run_ends(fsdp2_checkpointed, tmp_path):
+    reference, _ = fsdp2_checkpointed
+    assert not same_weights(reference / "checkpoint-1", reference)  # step 2 changed the model
+    resumed = tmp_path / "resumed"
+    stdout = fsdp2_sft(resumed, "--resume_from_checkpoint", str(reference / "checkpoint-1"))
+    assert stdout.count(LOGGED_STEP) == 1  # only step 2 was trained
+    assert same_weights(resumed, reference)
+
+
+def test_paper_dpo_recipe_under_fsdp2_on_two_nodes_through_launch_slurm(quickstart, tmp_path):
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    out = tmp_path / "dpo"
+    local = [  # the hub model and data swapped for the quickstart ones; fp32 on the CPU; one GMT step
+        "--model_name_or_path", str(quickstart["model"]), "--dataset_name", str(quickstart["dpo_train"]),
+        "--dataset_train_split", "train", "--dtype", "float32", "--bf16", "false", "--max_length", "128",
+        "--deepspeed", "", "--output_dir", str(out), "--max_steps", "1", "--gradient_accumulation_steps", "1",
+        "--learning_rate", "1e-4", "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no", *GMT,
+    ]
+    env = fsdp_on_cpu_env(PATH=f"{shims}:{Path(sys.executable).parent}:{cpu_env()['PATH']}", SLURM_NNODES="2",
+                          SLURM_JOB_NODELIST="node[0-1]", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
+    (stdout,) = run_launchers(
+        [["bash", "recipes/launch.slurm", "dpo", "recipes/dpo/llama-2-7b/gmt.yaml", "fsdp2", *local]], env)
+    assert "OK recipes/dpo/llama-2-7b/gmt.yaml (dpo)" in stdout  # validated before launching
+    assert "on 2 nodes x 1 processes" in stdout and LOGGED_STEP in stdout
+    assert_unchanged_fraction_is_the_ratio(saved_weights(quickstart["model"]), saved_weights(out), RATIO)
