@@ -43,6 +43,9 @@ class Launcher:
     line: str  # as the documents show it, continuation lines joined, comment left out
     tested_by: str  # "tests/FILE.py::NAME": the test (or fixture) that runs it
     nodes: int = 1  # started once per node, all at once, with NODE_RANK=0, 1, ... and HEAD_ADDR=127.0.0.1
+    # False for FSDP2: with --use_cpu transformers asks accelerate for CPU ranks, which gives plain DDP
+    # (the FSDP2 tests turn FSDP on for CPU ranks their own way: tests/fsdp2_on_cpu).
+    use_cpu: bool = True
 
 
 LAUNCHERS = {
@@ -82,6 +85,18 @@ LAUNCHERS = {
         " --machine_rank $NODE_RANK --main_process_ip $HEAD_ADDR --main_process_port 29500"
         " -m gmt_align.cli sft --config recipes/quickstart/sft.yaml",
         "tests/test_multinode.py::test_accelerate_two_nodes_save_what_one_node_saves", nodes=2),
+    "accelerate_fsdp2": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml --num_processes 2"
+        " -m gmt_align.cli sft --config recipes/quickstart/sft.yaml",
+        "tests/test_fsdp2_trainer.py::fsdp2_checkpointed", use_cpu=False),
+    "accelerate_fsdp2_resume": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml --num_processes 2"
+        " -m gmt_align.cli sft --config recipes/quickstart/sft.yaml --resume_from_checkpoint true",
+        "tests/test_fsdp2_trainer.py::test_fsdp2_resumed_run_ends_where_the_uninterrupted_run_ends", use_cpu=False),
+    "sbatch_fsdp2": Launcher(
+        'sbatch --nodes 2 recipes/launch.slurm dpo recipes/dpo/llama-2-7b/gmt.yaml fsdp2 --deepspeed ""',
+        "tests/test_fsdp2_trainer.py::test_paper_dpo_recipe_under_fsdp2_on_two_nodes_through_launch_slurm",
+        use_cpu=False),
     "sbatch": Launcher(
         "sbatch --nodes 2 recipes/launch.slurm sft recipes/quickstart/sft.yaml zero2",
         "tests/test_multinode.py::test_launch_slurm_on_two_nodes_saves_what_one_node_saves"),
@@ -110,11 +125,12 @@ def documented_lines(documents=DOCUMENTS) -> dict[tuple[str, ...], str]:
 
 
 def launch(name: str, output_dir, *overrides: str, env: dict | None = None, timeout: float = 900) -> list[str]:
-    """Run LAUNCHERS[name] as written, then ``--use_cpu true --output_dir OUTPUT_DIR``, a short run's
+    """Run LAUNCHERS[name] as written, then ``--use_cpu true`` (but for FSDP2), ``--output_dir OUTPUT_DIR``, a short run's
     settings (quickstart_runs.SHORT_RUN) and ``OVERRIDES``; every node must succeed. Returns each
     node's output (stdout and stderr)."""
     launcher = LAUNCHERS[name]
-    additions = ["--use_cpu", "true", "--output_dir", str(output_dir), *SHORT_RUN, *overrides]
+    additions = [*(["--use_cpu", "true"] if launcher.use_cpu else []), "--output_dir", str(output_dir), *SHORT_RUN,
+                 *overrides]
     command = f"{launcher.line} {shlex.join(additions)}"
     base = launcher_env(**(env or {}))
     with launch_directory(base) as directory:

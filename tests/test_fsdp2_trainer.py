@@ -19,25 +19,20 @@ FSDP2 shards.
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
 from gmt_align.quickstart import prepare_quickstart
+from launchers import launch
 from multirank.launch import ROOT, cpu_env, free_port
 from quickstart_runs import (
-    accelerate_command,
     assert_unchanged_fraction_is_the_ratio,
     mask_agreement,
-    recipe_argv,
-    run_launchers,
     run_recipe,
     same_weights,
     saved_weights,
     unchanged_masks,
 )
-from test_multinode import SCONTROL, SRUN
 
 RATIO = 0.3
 GMT = ["--gmt_mode", "update", "--gmt_mask_ratio", str(RATIO)]
@@ -47,17 +42,10 @@ TWO_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "1", "--lr_sch
 LOGGED_STEP = "'gmt/kept_fraction': '0.7'"  # one per optimizer step, counted over both shards
 
 
-def fsdp_on_cpu_env(**extra):
-    base = cpu_env()
-    return cpu_env(PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "fsdp2_on_cpu"), base["PYTHONPATH"]]),
-                   GMT_TEST_FSDP_ON_CPU="1", GMT_ALIGN_COMPILE="0", **extra)
-
-
-def fsdp2_sft(output_dir, *overrides):
-    command = accelerate_command("fsdp2", recipe_argv("sft", output_dir, *TWO_STEPS, *overrides), 2,
-                                 "--main_process_port", str(free_port()))
-    (stdout,) = run_launchers([command], fsdp_on_cpu_env())
-    return stdout
+def fsdp_on_cpu(**extra):
+    """What the launched ranks need on top of the CPU environment to run accelerate's FSDP path."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fsdp2_on_cpu"), cpu_env()["PYTHONPATH"]]),
+            "GMT_TEST_FSDP_ON_CPU": "1", "GMT_ALIGN_COMPILE": "0", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +56,7 @@ def quickstart(smollm2_dir):
 @pytest.fixture(scope="module")
 def fsdp2_checkpointed(quickstart, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_checkpointed")
-    stdout = fsdp2_sft(out)
+    (stdout,) = launch("accelerate_fsdp2", out, *TWO_STEPS, env=fsdp_on_cpu())
     yield out, stdout
     shutil.rmtree(out, ignore_errors=True)  # about 5 GB of checkpoints
 
@@ -91,29 +79,24 @@ def test_sft_under_fsdp2_masks_what_one_process_masks(quickstart, fsdp2_checkpoi
 def test_fsdp2_resumed_run_ends_where_the_uninterrupted_run_ends(fsdp2_checkpointed, tmp_path):
     reference, _ = fsdp2_checkpointed
     assert not same_weights(reference / "checkpoint-1", reference)  # step 2 changed the model
-    resumed = tmp_path / "resumed"
-    stdout = fsdp2_sft(resumed, "--resume_from_checkpoint", str(reference / "checkpoint-1"))
+    resumed = tmp_path / "resumed"  # the run as a kill after step 1 leaves it: checkpoint-1 alone
+    resumed.mkdir()
+    shutil.copytree(reference / "checkpoint-1", resumed / "checkpoint-1")
+    (stdout,) = launch("accelerate_fsdp2_resume", resumed, *TWO_STEPS, env=fsdp_on_cpu())
     assert stdout.count(LOGGED_STEP) == 1  # only step 2 was trained
     assert same_weights(resumed, reference)
 
 
 def test_paper_dpo_recipe_under_fsdp2_on_two_nodes_through_launch_slurm(quickstart, tmp_path):
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
+    """docs/fsdp2.md's sbatch line, through the sbatch/srun/scontrol stand-ins (tests/multirank/bin)."""
     out = tmp_path / "dpo"
     local = [  # the hub model and data swapped for the quickstart ones; fp32 on the CPU; one GMT step
         "--model_name_or_path", str(quickstart["model"]), "--dataset_name", str(quickstart["dpo_train"]),
         "--dataset_train_split", "train", "--dtype", "float32", "--bf16", "false", "--max_length", "128",
-        "--deepspeed", "", "--output_dir", str(out), "--max_steps", "1", "--gradient_accumulation_steps", "1",
-        "--learning_rate", "1e-4", "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no", *GMT,
+        "--max_steps", "1", "--per_device_train_batch_size", "1", "--learning_rate", "1e-4", "--warmup_steps", "0",
+        "--save_strategy", "no", *GMT,
     ]
-    env = fsdp_on_cpu_env(PATH=f"{shims}:{Path(sys.executable).parent}:{cpu_env()['PATH']}", SLURM_NNODES="2",
-                          SLURM_JOB_NODELIST="node[0-1]", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
-    (stdout,) = run_launchers(
-        [["bash", "recipes/launch.slurm", "dpo", "recipes/dpo/llama-2-7b/gmt.yaml", "fsdp2", *local]], env)
+    (stdout,) = launch("sbatch_fsdp2", out, *local, env=fsdp_on_cpu(GPUS_PER_NODE="1", MASTER_PORT=str(free_port())))
     assert "OK recipes/dpo/llama-2-7b/gmt.yaml (dpo)" in stdout  # validated before launching
     assert "on 2 nodes x 1 processes" in stdout and LOGGED_STEP in stdout
     assert_unchanged_fraction_is_the_ratio(saved_weights(quickstart["model"]), saved_weights(out), RATIO)
