@@ -46,7 +46,11 @@ REFUSED = [
     (dict(fsdp1=True, refused=True, granularity="tensor", mode="update", ratio=0.3), FSDP1_REFUSAL),
     (dict(shard_dim1=True, refused=True, granularity="tensor", mode="update", ratio=0.3), "sharded on dim 0 only"),
 ]
-CASES = MATRIX + EXTRA + NONFINITE + SKIPPED + [case for case, _ in REFUSED]
+RESUMED = [  # sharded checkpoints (torch.distributed.checkpoint); the Trainer's full ones: test_fsdp2_trainer.py
+    dict(resume=True, granularity="tensor", mode="update", ratio=0.3),
+    dict(resume=True, selection="random", granularity="global", mode="update", ratio=0.5),  # scores keyed by step
+]
+CASES = MATRIX + EXTRA + NONFINITE + SKIPPED + RESUMED + [case for case, _ in REFUSED]
 
 
 def case_id(case):
@@ -134,6 +138,12 @@ def test_nonfinite_gradient_is_refused_on_every_rank_together(results, case):
 def test_nonfinite_skip_leaves_weights_and_optimizer_untouched(results, case):
     result = result_of(results, case)
     assert result["skipped"] == [0] and result["moved"] is False and result["optimizer_state"] == 0
+
+
+@pytest.mark.parametrize("case", RESUMED, ids=case_id)
+def test_sharded_checkpoint_resumes_bit_for_bit(results, case):
+    result = result_of(results, case)
+    assert result["second_step_moved"] and result["same_masks_on_every_rank"] and result["resumed_equals_uninterrupted"]
 
 
 @pytest.mark.parametrize("case,needle", REFUSED, ids=[case_id(c) for c, _ in REFUSED])

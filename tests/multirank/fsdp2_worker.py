@@ -71,7 +71,76 @@ def reference_mask(scores, k, floor):
     return scores.view(torch.int32) >= max(int(threshold.view(torch.int32)), floor), max(int(threshold.view(torch.int32)), floor)
 
 
+def mask_options(case):
+    return MaskOptions(mask_ratio=case["ratio"], granularity=case["granularity"], mode=case["mode"],
+                       selection=case.get("selection", "magnitude"), seed=3,
+                       exclude=tuple(case.get("exclude", ())), nonfinite=case.get("nonfinite", "raise"))
+
+
+def train_step(model, optimizer, rank, step):
+    """One accumulation window of 2 micro-batches; each rank's data depend on the rank and the step only."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    for _ in range(2):
+        ids = torch.randint(0, 37, (2, 5), generator=gen)
+        model(ids, torch.roll(ids, 1, dims=1)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def resume_case(case, rank, world):
+    """A sharded checkpoint (torch.distributed.checkpoint: each rank writes its own shards and AdamW
+    state) after step 1 of 2; a fresh model resumed from it masks and ends bit for bit as the
+    uninterrupted run. GMT is attached after loading, as the Trainer attaches it after its resume."""
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(folder)
+
+    def build():
+        torch.manual_seed(0)
+        model = shard(Odd(), case, world)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def second_step(model, optimizer):
+        hooks = attach(optimizer, model, mask_options(case), lambda: 1)
+        hooks.engine.record_masks = True
+        train_step(model, optimizer, rank, 1)
+        hooks.detach()
+        weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+        return weights, [(t, o, kept.tolist()) for t, o, kept in hooks.engine.recorded]
+
+    model, optimizer = build()
+    hooks = attach(optimizer, model, mask_options(case), lambda: 0)
+    train_step(model, optimizer, rank, 0)
+    hooks.detach()
+    at_checkpoint = {n: p.full_tensor() for n, p in model.named_parameters()}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder[0])
+    uninterrupted, uninterrupted_masks = second_step(model, optimizer)
+
+    model, optimizer = build()
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the shapes to load into
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder[0])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    resumed, resumed_masks = second_step(model, optimizer)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(folder[0])
+    agree = [None] * world
+    dist.all_gather_object(agree, resumed_masks == uninterrupted_masks and bool(uninterrupted_masks))
+    return {"case": case, "same_masks_on_every_rank": all(agree),
+            "resumed_equals_uninterrupted": all(torch.equal(resumed[n], uninterrupted[n]) for n in uninterrupted),
+            "second_step_moved": any(not torch.equal(uninterrupted[n], at_checkpoint[n]) for n in uninterrupted)}
+
+
 def run_case(case, rank, world):
+    if case.get("resume"):
+        return resume_case(case, rank, world)
     torch.manual_seed(0)
     model = shard(Odd(), case, world)
     params = list(model.parameters())
@@ -89,9 +158,7 @@ def run_case(case, rank, world):
         full["before"] = {n: p.full_tensor().clone() for n, p in named.items()}
 
     optimizer.register_step_pre_hook(capture)
-    options = MaskOptions(mask_ratio=case["ratio"], granularity=case["granularity"], mode=case["mode"],
-                          selection=case.get("selection", "magnitude"), seed=3,
-                          exclude=tuple(case.get("exclude", ())), nonfinite=case.get("nonfinite", "raise"))
+    options = mask_options(case)
     if case.get("refused"):
         try:
             attach(optimizer, model, options, lambda: 0)
