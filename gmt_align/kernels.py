@@ -39,7 +39,8 @@ __all__ = ["BLOCK", "compiled", "count_at_least", "cpp_kernels", "mask_and_flag"
 logger = logging.getLogger(__name__)
 
 BLOCK = 64
-"""Entries per block for :func:`mask_and_flag`'s marks (one byte per block)."""
+"""Entries per block for :func:`mask_and_flag`'s marks (one byte per block); the C++ kernels check
+their candidate flags per block of the same size (``BLOCK`` there too)."""
 
 _MAX_PIECE = 1 << 30
 """Counts are accumulated in int32 (twice as many SIMD lanes): pieces are split below 2^31."""
@@ -179,7 +180,7 @@ def mask_candidates(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, to
     ``[lo, hi)`` (none when ``lo == hi``)."""
     cpp = _cpp_for(x)
     if cpp is not None and x.is_contiguous():
-        positions, bits = cpp.mask_select(x, lo, hi)
+        positions, bits = cpp.mask_candidates(x, lo, hi)
         return positions, bits
     marks = mask_and_flag(x, lo, hi)
     if lo >= hi:
