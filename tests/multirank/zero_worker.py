@@ -19,7 +19,8 @@ from torch import nn
 from gmt_align.adapters import attach
 from gmt_align.adapters.zero import CONTRACT
 from gmt_align.engine import MaskOptions
-from gmt_align.selection import keep_count, random_chunks
+from gmt_align.rules import random_chunks
+from gmt_align.selection import keep_count
 
 
 class Odd(nn.Module):
