@@ -165,16 +165,10 @@ def load_deepspeed_config(config: dict | str) -> dict:
 
 
 def deepspeed_refusals(config: dict) -> list[str]:
-    """What the adapters would refuse at start-up (gmt_align/adapters/zero.py), said before loading."""
-    from .adapters.zero import REFUSALS
+    """What the backends would refuse at start-up (gmt_align/adapters/zero.py), said before loading."""
+    from .adapters.zero import refusals_in_config
 
-    zero = config.get("zero_optimization") or {}
-    problems = [REFUSALS[key] for key in ("round_robin_gradients", "zenflow") if zero.get(key)]
-    if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
-        problems.append(REFUSALS["nvme"])
-    if str((config.get("optimizer") or {}).get("type", "")).lower() == "muon":
-        problems.append(REFUSALS["muon"])
-    return problems
+    return refusals_in_config(config)
 
 
 def load_train_dataset(script_args):
