@@ -177,7 +177,7 @@ class MaskTelemetry:
             self._energy_before = None
         if self._scratch is None or self._scratch.device != layout.previous.device:
             self._scratch = torch.empty(CHUNK, dtype=torch.bool, device=layout.previous.device)
-        magnitude = self.engine.options.selection == "magnitude"
+        magnitude = self.engine.rule.gradient_is_kept_mask  # else: the rule's kept mask, fragment by fragment
         kept: tuple[int, torch.Tensor] | None = None  # random: the kept mask of one fragment at a time
         for chunk, (copies, pads) in enumerate(zip(layout.copies, layout.pads)):
             w0 = chunk * CHUNK // 64
