@@ -14,8 +14,9 @@ __all__ = ["AllReduce", "adopt_launcher_arguments", "rank_of", "single_process_e
 class AllReduce:
     """Sum a tensor across ``group`` in place. Counts calls and bytes (see docs/performance.md).
 
-    GMT only ever reduces small int64 count tensors (``[units, 256]`` per radix round, and the
-    kept counts at logging steps), never gradients.
+    GMT only ever reduces small int64 count tensors (per selection round, one row of at most 4096
+    counts per unit; per tensor, non-finite flags and, at logging steps, kept counts), never
+    gradients.
     """
 
     def __init__(self, group=None):

@@ -1,15 +1,18 @@
-"""The masking engine: one implementation of GMT, fed by whichever optimizer adapter is in use.
+"""The masking engine: one implementation of GMT, fed by whichever optimizer backend is in use.
 
-An adapter describes what this process really holds as :class:`Fragment` s — 1-D views of a
-gradient and of the weights the optimizer will update, each tagged with the parameter tensor it
-belongs to and its offset inside that tensor. On one process (or DDP) a fragment is a whole
+A backend (:mod:`gmt_align.adapters`) describes what this process really holds as
+:class:`Fragment` s — 1-D views of a gradient and of the weights the optimizer will update, each
+tagged with the parameter tensor it belongs to and its offset inside that tensor (the words are
+defined in :mod:`gmt_align.adapters.layout`). On one process (or DDP) a fragment is a whole
 parameter; under ZeRO it is the slice of a parameter inside this rank's flat fp32 partition.
-The engine then:
+The engine then, with the selection rule chosen once from ``gmt_selection``
+(:mod:`gmt_align.rules`):
 
 1. :meth:`MaskEngine.apply` — finds each unit's threshold and zeroes the masked gradient entries
-   in place (:func:`select_and_mask` for magnitude: about two reads and one write of the
-   gradient; :func:`select_thresholds` for random scores), collectively through ``reduce``, so
-   every rank gets the single-process answer; in ``update`` mode it keeps the weights aside;
+   in place (``magnitude``: :func:`gmt_align.selection.select_and_mask`, about two reads and one
+   write of the gradient; ``random``: :func:`gmt_align.radix.select_thresholds` over random
+   scores), collectively through ``reduce``, so every rank gets the single-process answer; in
+   ``update`` mode it keeps the weights aside;
 2. :meth:`MaskEngine.restore` — after the optimizer step (``update`` mode), writes the masked
    weights back bit for bit.
 
@@ -24,20 +27,14 @@ Selection rule (identical on every rank):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .kernels import restore_masked
-from .selection import (
-    NonFiniteGradientError,
-    Reduce,
-    keep_count,
-    random_chunks,
-    select_and_mask,
-    select_thresholds,
-)
+from .radix import NonFiniteGradientError, Reduce
+from .rules import rule_for
+from .selection import keep_count
 
 __all__ = ["Fragment", "MaskEngine", "MaskOptions", "TensorInfo", "excluded"]
 
@@ -65,7 +62,8 @@ class TensorInfo:
 
 @dataclass
 class Fragment:
-    """A contiguous piece of one parameter tensor held by this process."""
+    """Views of the gradient and weights of one contiguous slice of a parameter tensor that this
+    process holds: entries ``[offset, offset + grad.numel())`` of tensor ``tensor_id``."""
 
     tensor_id: int
     offset: int
@@ -81,10 +79,11 @@ def excluded(names: Sequence[str], patterns: Sequence[str]) -> bool:
 
 
 class MaskEngine:
-    """GMT on the fragments an adapter hands it. Holds no reference to DeepSpeed or to ranks."""
+    """GMT on the fragments a backend hands it. Holds no reference to DeepSpeed or to ranks."""
 
     def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
         self.options = options
+        self.rule = rule_for(options.selection, options.seed)  # magnitude or random, chosen once
         self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every apply() from then on
         # Called in every apply() with (the fragments, step): ``before_mask`` before selection,
         # ``observers`` once their gradients are masked. MaskTelemetry hooks in here.
@@ -123,20 +122,21 @@ class MaskEngine:
         Collective when the engine has a ``reduce`` and such tensors exist: every process calls it
         at each step call, with whatever fragments it holds.
         """
-        unchecked = [i for i, maskable in enumerate(self.maskable)
-                     if not maskable or self.options.selection != "magnitude"]
+        checked_by_rule = self.rule.reads_gradient
+        unchecked = [i for i, maskable in enumerate(self.maskable) if not (maskable and checked_by_rule)]
         if not unchecked:
             return
         flags = torch.zeros(len(self.tensors), dtype=torch.int64)
         for fragment in fragments:
-            if (not self.maskable[fragment.tensor_id] or self.options.selection != "magnitude") \
+            if not (self.maskable[fragment.tensor_id] and checked_by_rule) \
                     and fragment.grad.numel() and not bool(torch.isfinite(fragment.grad).all()):
                 flags[fragment.tensor_id] = 1
         if self.reduce is not None:
             flags = self.reduce(flags)
         bad = torch.nonzero(flags).flatten().tolist()
         if bad:
-            label = ", ".join(self.tensors[i].names[0] for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            label = ", ".join(self.tensors[i].names[0] for i in bad[:5])
+            label += f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             raise NonFiniteGradientError(f"gradient has inf/NaN entries in {label}; GMT refuses to step")
 
     # --- selection and masking -----------------------------------------------------------------
@@ -174,22 +174,11 @@ class MaskEngine:
             masking = [f for group in by_row for f in group]
             for observer in self.before_mask:
                 observer(masking, self.step)
-        if self.options.selection == "magnitude":
-            thresholds, kept = select_and_mask(
-                len(units), lambda row: [f.grad for f in by_row[row]], keep,
-                [self.sizes[u] for u in units], self.reduce, names,
-            )
-            for group, counts in zip(by_row, kept):
-                for fragment, count in zip(group, counts):
-                    self.kept_counts[fragment.tensor_id] += count
-        else:
-            thresholds = select_thresholds(
-                len(units), lambda row: (c for f in by_row[row] for c in self._random_scores(f)), keep,
-                self.reduce, names,
-            )
-            for group, threshold in zip(by_row, thresholds.tolist()):
-                for fragment in group:
-                    self._mask_by_scores(fragment, threshold)
+        thresholds, kept = self.rule.select_and_mask(by_row, keep, [self.sizes[u] for u in units], self.reduce,
+                                                     names, self.step)
+        for group, counts in zip(by_row, kept):
+            for fragment, count in zip(group, counts):
+                self.kept_counts[fragment.tensor_id] += count
         self.thresholds[units] = thresholds
         masked_now = [f for group in by_row for f in group]
         if self.record_masks:
@@ -199,27 +188,14 @@ class MaskEngine:
             observer(masked_now, self.step)
         return thresholds
 
-    def _random_scores(self, fragment: Fragment) -> Iterator[torch.Tensor]:
-        yield from random_chunks(self.options.seed, self.step, fragment.tensor_id, fragment.offset, fragment.grad.numel())
-
-    def _mask_by_scores(self, fragment: Fragment, threshold: int) -> None:
-        start, kept_total = 0, 0
-        for scores in self._random_scores(fragment):
-            stop = start + scores.numel()
-            kept = scores.view(torch.int32) >= threshold
-            fragment.grad[start:stop].masked_fill_(~kept.to(fragment.grad.device), 0)
-            kept_total += int(kept.sum())
-            start = stop
-        self.kept_counts[fragment.tensor_id] += kept_total
+    def threshold_of(self, fragment: Fragment) -> int:
+        """The threshold (bit pattern) of the unit of ``fragment`` at the last :meth:`apply`."""
+        return int(self.thresholds[self.unit_of[fragment.tensor_id]])
 
     def kept_mask(self, fragment: Fragment) -> torch.Tensor:
         """Bool mask of the entries of a fragment kept by the last :meth:`apply` (until the optimizer
-        step ends): recomputed from the masked gradient itself, or from the random scores."""
-        threshold = int(self.thresholds[self.unit_of[fragment.tensor_id]])
-        if self.options.selection == "magnitude":  # kept: |g| >= T >= smallest positive; masked are 0
-            return fragment.grad.float().abs().view(torch.int32) >= threshold
-        return torch.cat([c.view(torch.int32) >= threshold for c in self._random_scores(fragment)]
-                         or [torch.zeros(0, dtype=torch.bool)])
+        step ends), as the selection rule finds it again (from the masked gradient, or the scores)."""
+        return self.rule.kept_mask(fragment, self.threshold_of(fragment), self.step)
 
     # --- restore (update mode) -------------------------------------------------------------------
     def restore(self, fragments: Sequence[Fragment]) -> None:
@@ -227,16 +203,9 @@ class MaskEngine:
         for bit. The masked entries are found again from the gradient, which the optimizer reads
         but does not change (magnitude: |g| < T; random: the same position-keyed scores)."""
         for fragment in fragments:
-            saved = fragment._saved
-            if saved is None:
-                continue
-            if self.options.selection == "magnitude":
-                threshold = int(self.thresholds[self.unit_of[fragment.tensor_id]])
-                restore_masked(fragment.weight, saved, fragment.grad, threshold)
-            else:
-                masked = ~self.kept_mask(fragment).to(fragment.weight.device)
-                fragment.weight[masked] = saved[masked]
-            fragment._saved = None
+            if fragment._saved is not None:
+                self.rule.restore(fragment, fragment._saved, self.threshold_of(fragment), self.step)
+                fragment._saved = None
 
     # --- counts for the figures (MaskTelemetry owns the figures and reduces these) ----------------
     def take_counts(self) -> tuple[torch.Tensor, int]:

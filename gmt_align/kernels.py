@@ -40,7 +40,8 @@ __all__ = ["BLOCK", "compiled", "count_at_least", "cpp_build_directory", "cpp_bu
 logger = logging.getLogger(__name__)
 
 BLOCK = 64
-"""Entries per block for :func:`mask_and_flag`'s marks (one byte per block)."""
+"""Entries per block for :func:`mask_and_flag`'s marks (one byte per block); the C++ kernels check
+their candidate flags per block of the same size (``BLOCK`` there too)."""
 
 _MAX_PIECE = 1 << 30
 """Counts are accumulated in int32 (twice as many SIMD lanes): pieces are split below 2^31."""
@@ -124,7 +125,13 @@ def cpp_capability() -> str:
 
 
 def _cpp_name() -> str:
-    return f"gmt_align_cpu_{cpp_capability().lower()}"
+    """The extension's name holds the instruction set and a digest of the source: builds of different
+    sources (another gmt-align version, another checkout) never share one folder of a shared
+    TORCH_EXTENSIONS_DIR, where a concurrent build of the other could be loaded."""
+    import hashlib
+
+    digest = hashlib.sha1(_CPP_SOURCE.read_bytes()).hexdigest()[:10]
+    return f"gmt_align_cpu_{cpp_capability().lower()}_{digest}"
 
 
 def cpp_build_directory() -> str:
@@ -211,7 +218,7 @@ def mask_candidates(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, to
     ``[lo, hi)`` (none when ``lo == hi``)."""
     cpp = _cpp_for(x)
     if cpp is not None and x.is_contiguous():
-        positions, bits = cpp.mask_select(x, lo, hi)
+        positions, bits = cpp.mask_candidates(x, lo, hi)
         return positions, bits
     marks = mask_and_flag(x, lo, hi)
     if lo >= hi:

@@ -177,7 +177,7 @@ class MaskTelemetry:
             self._energy_before = None
         if self._scratch is None or self._scratch.device != layout.previous.device:
             self._scratch = torch.empty(CHUNK, dtype=torch.bool, device=layout.previous.device)
-        magnitude = self.engine.options.selection == "magnitude"
+        magnitude = self.engine.rule.gradient_is_kept_mask  # else: the rule's kept mask, fragment by fragment
         kept: tuple[int, torch.Tensor] | None = None  # random: the kept mask of one fragment at a time
         for chunk, (copies, pads) in enumerate(zip(layout.copies, layout.pads)):
             w0 = chunk * CHUNK // 64
@@ -272,7 +272,8 @@ class _Layout:
     ``copies[c]`` lists, for chunk ``c``, the pieces of fragments to copy into it as (fragment index,
     start, stop, start in the chunk); ``pads[c]`` the padding ranges to clear (their bits stay 0).
     A fragment's words are contiguous, so per chunk the words split into runs, one per piece:
-    ``ends[c]`` is the last word of each run in the chunk, ``owners[c]`` its tensor.
+    ``starts[c]`` / ``ends[c]`` are the first / last word of each run in the chunk, ``owners[c]``
+    its tensor.
     """
 
     def __init__(self, key: tuple, tensors: int, device: torch.device, saved: tuple[torch.Tensor, torch.Tensor] | None):
@@ -292,8 +293,9 @@ class _Layout:
                 self.copies[lo // CHUNK].append((index, lo - base, hi - base, lo % CHUNK))
             for lo, hi in _split(base + n, base + -(-n // 64) * 64):
                 self.pads[lo // CHUNK].append((lo % CHUNK, lo % CHUNK + hi - lo))
-        self.ends, self.owners = [], []
+        self.starts, self.ends, self.owners = [], [], []
         for copies in self.copies:  # a piece's words: from its start to the next piece's (pads included)
+            self.starts.append([dst // 64 for *_, dst in copies])
             ends = [-(-(dst + stop - src) // 64) - 1 for _, src, stop, dst in copies]
             self.ends.append(torch.tensor(ends, dtype=torch.int64, device=device))
             self.owners.append(torch.tensor([key[index][0] for index, *_ in copies], dtype=torch.int64, device=device))
@@ -311,8 +313,12 @@ class _Layout:
             if self.copies[chunk]:
                 into[self.copies_owner[chunk]] += counts.sum(dtype=torch.int64).to(into.dtype)
             return
-        totals = counts.cumsum(0)[self.ends[chunk]]
-        into.index_add_(0, self.owners[chunk], torch.diff(totals, prepend=totals.new_zeros(1)).to(into.dtype))
+        if counts.device.type == "cpu":  # one numpy call sums every piece's words
+            per_piece = torch.from_numpy(np.add.reduceat(counts.numpy(), self.starts[chunk], dtype=np.int64))
+        else:
+            totals = counts.cumsum(0)[self.ends[chunk]]
+            per_piece = torch.diff(totals, prepend=totals.new_zeros(1))
+        into.index_add_(0, self.owners[chunk], per_piece.to(into.device, into.dtype))
 
     def covered_per_tensor(self, tensors: int) -> torch.Tensor:
         out = torch.zeros(tensors, dtype=torch.float64, device=self.covered.device)

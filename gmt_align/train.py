@@ -220,19 +220,12 @@ def load_deepspeed_config(config: dict | str) -> dict:
 
 
 def deepspeed_refusals(config: dict) -> list[str]:
-    """What the adapters would refuse at start-up (gmt_align/adapters/zero.py), and what DeepSpeed's
+    """What the backends would refuse at start-up (gmt_align/adapters/zero.py), and what DeepSpeed's
     schema refuses, said before loading."""
-    from .adapters.zero import REFUSALS
+    from .adapters.zero import refusals_in_config
 
     zero = config.get("zero_optimization") or {}
-    if not isinstance(zero, dict):
-        return zero_schema_problems(config)
-    problems = [REFUSALS[key] for key in ("round_robin_gradients", "zenflow") if zero.get(key)]
-    if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
-        problems.append(REFUSALS["nvme"])
-    if str((config.get("optimizer") or {}).get("type", "")).lower() == "muon":
-        problems.append(REFUSALS["muon"])
-    return problems + zero_schema_problems(config)
+    return (refusals_in_config(config) if isinstance(zero, dict) else []) + zero_schema_problems(config)
 
 
 def zero_schema_problems(config: dict) -> list[str]:

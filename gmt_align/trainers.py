@@ -8,6 +8,12 @@ console and W&B see them through :mod:`gmt_align.log_routing`). The same callbac
 telemetry (:mod:`gmt_align.telemetry`) and the run id with each checkpoint and takes them back on
 resume; rank 0 also appends each logging step's figures to ``OUTPUT_DIR/gmt_stats.jsonl``
 (:mod:`gmt_align.stats_file`).
+
+A mask is computed on one path per optimizer step: the step pre-hook (``adapters/hooks.py``,
+:class:`~gmt_align.adapters.MaskHooks`, held as ``trainer.mask_hooks``) -> ``MaskEngine.apply``
+(``engine.py``) -> the selection rule (``rules.py``; magnitude: ``selection.select_and_mask``) ->
+the fused passes over the gradient (``kernels.py``, ``csrc/gmt_cpu.cpp``). The run's folder and
+resuming are checked by :mod:`gmt_align.runs` before training starts.
 """
 
 from __future__ import annotations
@@ -44,18 +50,18 @@ class _AttachGMT(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer = self.trainer
-        if trainer.gmt is not None:
-            trainer.gmt.detach()
-        trainer.gmt = attach(optimizer, model, mask_options(args), lambda: state.global_step)
+        if trainer.mask_hooks is not None:
+            trainer.mask_hooks.detach()
+        trainer.mask_hooks = attach(optimizer, model, mask_options(args), lambda: state.global_step)
         start_telemetry(trainer, args, state, restart=trainer._gmt_restart_telemetry)
 
     def on_step_end(self, args, state, control, **kwargs):
         """A step that ZeRO skipped for a non-finite gradient norm (fp32/bf16): the same rule as
         GMT's own check, on every rank (DeepSpeed's overflow flag is already reduced)."""
-        if not self.trainer.gmt.backend_overflowed():
+        if not self.trainer.mask_hooks.backend_overflowed():
             return
         if args.gmt_nonfinite == "skip":
-            self.trainer.gmt.skipped_steps.add(state.global_step - 1)
+            self.trainer.mask_hooks.skipped_steps.add(state.global_step - 1)
             return
         raise NonFiniteGradientError(
             f"step {state.global_step}: the gradient norm is inf/NaN and DeepSpeed skipped the step; "
@@ -81,7 +87,7 @@ def start_telemetry(trainer, args, state, restart: bool = False) -> None:
     :class:`TelemetryStateError`) or start coverage afresh (state missing on a rank, or saved with
     another world size) together.
     """
-    telemetry = trainer.mask_telemetry = MaskTelemetry(trainer.gmt.engine, per_entry=args.gmt_telemetry)
+    telemetry = trainer.mask_telemetry = MaskTelemetry(trainer.mask_hooks.engine, per_entry=args.gmt_telemetry)
     resume = trainer._gmt_resume
     afresh = None
 
@@ -144,7 +150,7 @@ def log_figures(trainer, logs: dict) -> None:
 
 
 class _GMTMixin:
-    gmt = None  # the adapter, once attached
+    mask_hooks = None  # MaskHooks: GMT inside the optimizer's step, once attached
     mask_telemetry: MaskTelemetry | None = None
     _gmt_resume: str | None = None  # the checkpoint training resumes from
     _gmt_restart_telemetry = False  # resumed under other gmt_* settings: coverage starts afresh
@@ -184,8 +190,8 @@ class _GMTMixin:
         """Training logs also carry the ``gmt/...`` figures; the per-group ones (``gmt/FIGURE/GROUP``)
         go to the backends and ``gmt_stats.jsonl`` but are kept out of ``log_history`` (and so of
         every checkpoint's ``trainer_state.json``)."""
-        if self.gmt is not None and self.gmt.skipped_steps and "loss" in logs:
-            logs["gmt/skipped_steps"] = len(self.gmt.skipped_steps)  # the same set on every rank
+        if self.mask_hooks is not None and self.mask_hooks.skipped_steps and "loss" in logs:
+            logs["gmt/skipped_steps"] = len(self.mask_hooks.skipped_steps)  # the same set on every rank
         with_figures = self.mask_telemetry is not None and "loss" in logs
         if with_figures:
             log_figures(self, logs)

@@ -48,7 +48,7 @@ def test_one_line_before_the_cpp_kernels_build(capsys, monkeypatch, tmp_path):
     message = f"gmt-align: building the C++ CPU kernels once (~30 s) into {kernels.cpp_build_directory()}\n"
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == message
     where = Path(kernels.cpp_build_directory())
-    (where / f"gmt_align_cpu_{kernels.cpp_capability().lower()}.so").touch()
+    (where / f"{kernels._cpp_name()}.so").touch()
     (where / "build.ninja").write_text("build gmt_cpu.o: compile /elsewhere/gmt_align/csrc/gmt_cpu.cpp\n")
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == message  # another checkout's build
     (where / "build.ninja").write_text(f"build gmt_cpu.o: compile {built[0]['sources'][0]}\n")

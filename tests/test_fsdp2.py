@@ -87,7 +87,7 @@ def result_of(results, case):
 
 
 def check_exact(result, case):
-    assert result["contract_missing"] == [] and result["kind"] == "ShardAdapter"
+    assert result["contract_missing"] == [] and result["kind"] == "fsdp2"
     assert result["uneven"] >= 1  # a dim 0 that does not divide by the shard count
     assert not result["two_ranks_masked_one_entry"]
     assert result["replicas_agree"]  # HSDP: every replica picks the same mask

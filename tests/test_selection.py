@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from gmt_align import kernels
+from gmt_align.rules import random_chunks
 from gmt_align.selection import (
     INF_BITS,
     NonFiniteGradientError,
     chunks_of,
     keep_count,
-    random_chunks,
     select_and_mask,
     select_thresholds,
 )

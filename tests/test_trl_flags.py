@@ -126,7 +126,7 @@ def test_gmt_exclude_matches_peft_names_and_base_weights_are_not_masked(smollm2_
                             train_dataset=Dataset.from_list([messages(i) for i in range(4)]),
                             peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
     trainer.train()
-    engine = trainer.gmt.engine
+    engine = trainer.mask_hooks.engine
     names = [t.names[0] for t in engine.tensors]
     assert len(names) == 4 and all(".q_proj.lora_" in name for name in names), names
     assert [m for m in engine.maskable] == ["lora_A" in name for name in names]

@@ -1,8 +1,18 @@
-"""One adapter per kind of optimizer DeepSpeed or the Trainer really built; one dispatch on its class.
+"""GMT inside whichever optimizer really steps: one backend module per kind, one dispatch on its class.
 
-Every kind goes through :class:`~gmt_align.adapters.hooks.HookAdapter`; the kinds differ only in
-the layout of what each rank holds (``torch_optimizer.py``, ``zero.py``) and in whether ranks must
-sum their counts (ZeRO partitions) or already agree (whole averaged gradients).
+Every kind goes through :class:`~gmt_align.adapters.hooks.MaskHooks` (the optimizer step hooks);
+the kinds differ only in the layout of what each process holds and in whether processes must sum
+their counts (ZeRO partitions) or already agree (whole averaged gradients). Each backend module is
+the only code that reads its optimizer's internals, and lists them in its ``CONTRACT``:
+
+- any ``torch.optim.Optimizer`` (one process, DDP): ``torch_optimizer.py`` — a flat tensor is a
+  whole parameter;
+- ``DeepSpeedZeroOptimizer`` (ZeRO-1/2): ``zero12.py`` — a group's fp32 partition;
+- ``DeepSpeedZeroOptimizer_Stage3`` (ZeRO-3): ``zero3.py`` — a sub-group's fp32 partition;
+- ``BF16_Optimizer``: ``bf16.py`` — a group's fp32 partition.
+
+What GMT refuses in DeepSpeed's settings is said once, in ``zero.py``; the words (flat tensor,
+fragment, unit, stepper) are defined in ``layout.py``.
 """
 
 from __future__ import annotations
@@ -11,22 +21,21 @@ from collections.abc import Callable
 
 import torch
 
-from ..distributed import AllReduce, rank_of
-from ..engine import MaskEngine, MaskOptions
-from .fsdp2 import ShardAdapter, fsdp2_layout, holds_dtensors, refuse_fsdp1
-from .hooks import HookAdapter, Partition, Piece, tensor_table
-from .torch_optimizer import torch_partitions
-from .zero import (
-    UnsupportedOptimizerError,
-    hp_mapping_partitions,
-    overflow_flag,
-    refuse_unmappable,
-    zero3_partitions,
-    zero3_republish,
-    zero12_republish,
-)
+from ..distributed import AllReduce
+from ..engine import MaskEngine, MaskOptions, TensorInfo
+from . import bf16, fsdp2, torch_optimizer, zero3, zero12
+from .hooks import MaskHooks, tensor_table
+from .layout import Backend, FlatLayout, FragmentAddress, OptimizerLayout, UnsupportedOptimizerError
 
-__all__ = ["HookAdapter", "Partition", "Piece", "UnsupportedOptimizerError", "attach", "unwrap_optimizer"]
+__all__ = ["Backend", "FlatLayout", "FragmentAddress", "MaskHooks", "OptimizerLayout", "UnsupportedOptimizerError",
+           "attach", "backend_for", "unwrap_optimizer"]
+
+DEEPSPEED_BACKENDS: dict[str, Backend] = {
+    # the class DeepSpeed really built (dtype and offload change it, not only the stage) -> backend
+    "DeepSpeedZeroOptimizer": zero12,
+    "DeepSpeedZeroOptimizer_Stage3": zero3,
+    "BF16_Optimizer": bf16,
+}
 
 
 def unwrap_optimizer(optimizer: object) -> object:
@@ -38,43 +47,29 @@ def unwrap_optimizer(optimizer: object) -> object:
     return optimizer
 
 
+def backend_for(optimizer: object) -> Backend:
+    """The backend module for an (unwrapped) optimizer, by its class; refuses the others in one line."""
+    kind = type(optimizer).__name__
+    if type(optimizer).__module__.startswith("deepspeed"):  # DeepSpeed's own torch optimizers too
+        if kind in DEEPSPEED_BACKENDS:
+            return DEEPSPEED_BACKENDS[kind]
+        raise UnsupportedOptimizerError(f"GMT cannot mask inside DeepSpeed's {kind}")
+    if isinstance(optimizer, torch.optim.Optimizer):  # FSDP2 steps DTensors (local shards); else whole tensors
+        return fsdp2 if fsdp2.holds_dtensors(optimizer) else torch_optimizer
+    raise UnsupportedOptimizerError(f"GMT cannot mask inside {kind}")
+
+
 def attach(
     optimizer: object, model: torch.nn.Module, options: MaskOptions, current_step: Callable[[], int]
-) -> HookAdapter:
+) -> MaskHooks:
     """Install GMT inside the step of ``optimizer`` (as returned by ``accelerator.prepare`` or
     ``deepspeed.initialize``) for the trainable parameters of ``model``."""
     inner = unwrap_optimizer(optimizer)
+    backend = backend_for(inner)
+    if backend is torch_optimizer:
+        fsdp2.refuse_fsdp1(model)  # FSDP1's flat parameters are plain tensors to the optimizer
     params, tensors = tensor_table(model)
-    tensor_id = {id(p): i for i, p in enumerate(params)}
-    kind = type(inner).__name__
-    reduce = republish = overflowed = None
-    adapter = HookAdapter
-    if type(inner).__module__.startswith("deepspeed"):
-        refuse_unmappable(inner)
-        if kind == "DeepSpeedZeroOptimizer":  # ZeRO-1 and ZeRO-2, offload or not
-            partitions = hp_mapping_partitions(inner.single_partition_of_fp32_groups, inner.bit16_groups, tensor_id)
-            steppers, republish = [inner.optimizer], zero12_republish(inner, rank_of(inner.dp_process_group))
-            overflowed = overflow_flag(inner)
-        elif kind == "DeepSpeedZeroOptimizer_Stage3":
-            partitions = zero3_partitions(inner, tensor_id, rank_of(inner.dp_process_group))
-            steppers, republish = [inner.optimizer], zero3_republish(inner)
-            overflowed = overflow_flag(inner)
-            if getattr(inner, "backup_optimizer", None) is not None:  # partial offload
-                steppers.append(inner.backup_optimizer)
-        elif kind == "BF16_Optimizer":
-            partitions = hp_mapping_partitions(inner.fp32_groups_flat_partition, inner.bf16_groups, tensor_id)
-            steppers = [inner.optimizer]
-        else:
-            raise UnsupportedOptimizerError(f"GMT cannot mask inside DeepSpeed's {kind}")
-        reduce = AllReduce(inner.dp_process_group)
-    elif isinstance(inner, torch.optim.Optimizer) and holds_dtensors(inner):  # FSDP2: local shards
-        partitions, steppers, group = fsdp2_layout(inner, tensor_id, [t.names[0] for t in tensors])
-        reduce, adapter = (AllReduce(group) if group is not None else None), ShardAdapter
-    elif isinstance(inner, torch.optim.Optimizer):
-        refuse_fsdp1(model)
-        partitions, steppers = torch_partitions(inner, tensor_id), [inner]
-    else:
-        raise UnsupportedOptimizerError(f"GMT cannot mask inside {kind}")
-
-    engine = MaskEngine(options, tensors, reduce)
-    return adapter(steppers, partitions, engine, current_step, republish, overflowed)
+    layout = backend.layout(inner, params)
+    tensors = [TensorInfo(info.names, numel) for info, numel in zip(tensors, layout.numels)]
+    engine = MaskEngine(options, tensors, AllReduce(layout.process_group) if layout.partitioned else None)
+    return MaskHooks(layout, engine, current_step, backend.__name__.rpartition(".")[2])

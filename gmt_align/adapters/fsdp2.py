@@ -2,7 +2,7 @@
 
 This is the only module that reads DTensor/FSDP internals. Checked against torch 2.13 and
 accelerate 1.15; ``tests/multirank/fsdp2_worker.py`` checks every name in ``CONTRACT`` on real
-``fully_shard`` modules, and :func:`fsdp2_layout` checks them again at start-up.
+``fully_shard`` modules, and :func:`layout` checks them again at start-up.
 
 Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 (``Shard(0)``; with HSDP a 2-D mesh
 ``(Replicate(), Shard(0))``). Chunks may be uneven, and a rank may hold none of a small tensor. By
@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 
-from .hooks import HookAdapter, Partition, Piece
-from .zero import UnsupportedOptimizerError
+from .layout import FlatLayout, FragmentAddress, OptimizerLayout, UnsupportedOptimizerError
 
 __all__ = [
     "CONTRACT",
     "FSDP1_REFUSAL",
-    "ShardAdapter",
     "contract_missing",
     "fsdp_problems",
-    "fsdp2_layout",
     "holds_dtensors",
+    "layout",
     "refuse_fsdp1",
 ]
 
@@ -131,23 +130,23 @@ def _shard_dim(param, name: str) -> int | None:
     return sharding[0] if sharding else None
 
 
-def fsdp2_layout(optimizer: torch.optim.Optimizer, tensor_id: dict[int, int], names: list[str]):
-    """``(partitions, steppers, process_group)`` for a torch optimizer over FSDP2 parameters.
-
-    One partition per parameter: its local shard, whole (``start`` 0), at the flat offset of its
-    first row. ``process_group`` is the mesh dimension that shards (``None`` when nothing is
-    sharded: every rank then holds whole, averaged gradients and needs no collective).
-    """
+def layout(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> OptimizerLayout:
+    """A torch optimizer over FSDP2 parameters: each parameter is its own flat tensor, of which this
+    process holds its local shard, whole, at the flat offset of its first row. Counts are summed over
+    the mesh dimension that shards (none when nothing is sharded: every rank then holds whole,
+    averaged gradients and needs no collective)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     dtensor = _dtensor_class()
-    params = [p for group in optimizer.param_groups for p in group["params"] if id(p) in tensor_id]
-    missing = contract_missing(params)
+    tensor_id = {id(p): i for i, p in enumerate(params)}
+    names = [f"tensor {i}" for i in range(len(params))]
+    stepped = [p for group in optimizer.param_groups for p in group["params"] if id(p) in tensor_id]
+    missing = contract_missing(stepped)
     if missing:
         raise UnsupportedOptimizerError(f"GMT cannot map FSDP2 parameters: torch lacks {', '.join(missing)} "
                                         "(read as in torch 2.13; this torch differs)")
-    meshes, partitions = set(), {}
-    for param in params:
+    meshes, flats = set(), {}
+    for param in stepped:
         name = names[tensor_id[id(param)]]
         if not isinstance(param, dtensor):
             raise UnsupportedOptimizerError(f"GMT under FSDP2 needs every trainable parameter sharded by "
@@ -160,27 +159,15 @@ def fsdp2_layout(optimizer: torch.optim.Optimizer, tensor_id: dict[int, int], na
                                             f"{tuple(local.shape)}, DTensor computes {tuple(shape)}")
         tid, numel = tensor_id[id(param)], local.numel()
         start = offset[0] * math.prod(param.shape[1:]) if param.dim() else 0
-        partitions[id(param)] = Partition((tid,), (Piece(tid, start, 0, numel),) if numel else ())
+        flats[id(param)] = FlatLayout((tid,), (FragmentAddress(tid, start, 0, numel),) if numel else ())
     if len(meshes) > 1:
         raise UnsupportedOptimizerError("GMT under FSDP2 needs one device mesh (and sharding dimension) for "
                                         "all trainable parameters")
     mesh, dim = next(iter(meshes)) if meshes else (None, None)
     group = None if dim is None else mesh.get_group(dim)
-    return partitions, [optimizer], group
+    return OptimizerLayout(flats, [optimizer], [p.numel() for p in params], partitioned=group is not None,
+                           process_group=group, local=_local_shard)
 
 
-class ShardAdapter(HookAdapter):
-    """The shared hooks, reading each DTensor's local shard (``to_local()`` shares the storage the
-    optimizer updates, so masking and restoring it in place is what the step sees)."""
-
-    def fragments(self, stepped, grads=None):
-        from ..engine import Fragment
-
-        fragments = []
-        for index, param in enumerate(stepped):
-            grad = (grads[index] if grads is not None else param.grad).to_local().view(-1)
-            weight = param.data.to_local().view(-1)
-            for piece in self.partitions[id(param)].pieces:
-                end = piece.start + piece.numel
-                fragments.append(Fragment(piece.tensor_id, piece.offset, grad[piece.start:end], weight[piece.start:end]))
-        return fragments
+def _local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local()

@@ -1,4 +1,4 @@
-"""The one mechanism every adapter shares: GMT inside ``torch.optim.Optimizer.step`` hooks.
+"""The one mechanism every backend shares: GMT inside ``torch.optim.Optimizer.step`` hooks.
 
 Whatever DeepSpeed builds, the tensor that is finally stepped is a torch optimizer's parameter:
 the model's own parameters (one process, DDP, DeepSpeed stage 0), or flat fp32 partitions
@@ -7,42 +7,23 @@ will use: accumulated, reduced, unscaled and clipped (clipping therefore uses th
 The public step pre-hook masks it; the post-hook restores masked weights (``update`` mode) before
 DeepSpeed copies the fp32 master weights back to the model's weights.
 
-An adapter only says, for each stepped tensor, which pieces of which model tensors it holds: a
-:class:`Partition`. Everything else is here and in the engine.
+A backend only says, for each flat tensor, which fragments of which tensors it holds
+(:class:`~gmt_align.adapters.layout.OptimizerLayout`; the words are defined in ``layout.py``).
+Everything else is here and in the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..engine import Fragment, MaskEngine, TensorInfo
 from ..selection import NonFiniteGradientError
+from .layout import OptimizerLayout
 
-__all__ = ["HookAdapter", "Partition", "Piece", "tensor_table"]
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements ``[offset, offset + numel)`` of model tensor ``tensor_id`` sit at ``start`` in a flat tensor."""
-
-    tensor_id: int
-    offset: int
-    start: int
-    numel: int
-
-
-@dataclass(frozen=True)
-class Partition:
-    """What a stepped tensor holds on this process, and which model tensors its group has on any process.
-
-    ``tensors`` must be the same on every process: it decides the rows of the reduced counts.
-    """
-
-    tensors: tuple[int, ...]
-    pieces: tuple[Piece, ...]
+__all__ = ["MaskHooks", "tensor_table"]
 
 
 def tensor_table(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[TensorInfo]]:
@@ -50,7 +31,8 @@ def tensor_table(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list
 
     A tied parameter (``lm_head.weight`` sharing ``model.embed_tokens.weight``) appears once, under
     all its names. The order is the same on every rank, so the index is a tensor id all ranks agree
-    on. Sizes are full sizes (ZeRO-3 keeps a partitioned parameter's size in ``ds_numel``).
+    on. Sizes are the parameters' own; a backend that partitions parameters (ZeRO-3, where a
+    parameter is empty outside a gather) gives the full sizes in its layout's ``numels``.
     """
     names: dict[int, list[str]] = {}
     params: list[torch.nn.Parameter] = []
@@ -61,13 +43,12 @@ def tensor_table(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list
             names[id(param)] = []
             params.append(param)
         names[id(param)].append(name)
-    infos = [TensorInfo(tuple(names[id(p)]), int(getattr(p, "ds_numel", p.numel()))) for p in params]
-    return params, infos
+    return params, [TensorInfo(tuple(names[id(p)]), p.numel()) for p in params]
 
 
 @dataclass
 class _Held:
-    """A partition whose inner step was held back until the global threshold is known."""
+    """Flat tensors whose inner step was held back until the global threshold is known."""
 
     optimizer: torch.optim.Optimizer
     groups: list[tuple[dict, list]]  # the param groups (and their params) as DeepSpeed set them
@@ -75,38 +56,35 @@ class _Held:
     grads: list[torch.Tensor]
 
 
-class HookAdapter:
-    """Runs the engine inside the step of ``optimizers`` for the tensors listed in ``partitions``.
+class MaskHooks:
+    """GMT attached to an optimizer: runs the engine inside the steps of the layout's steppers, for
+    the tensors its flat tensors hold. What ``attach`` returns; ``detach`` removes the hooks.
 
-    ``partitions`` maps ``id(stepped tensor)`` to its :class:`Partition`. A step call may cover one
-    partition (ZeRO steps one group or sub-group at a time) or all (a plain optimizer): the units
-    selected in a call are those of the groups of the partitions it steps.
+    ``flats`` maps ``id(flat tensor)`` to its :class:`~gmt_align.adapters.layout.FlatLayout`. A
+    step call may cover one flat tensor (ZeRO steps one group or sub-group at a time) or all (a
+    plain optimizer): the units selected in a call are those of the groups of the flat tensors it
+    steps.
 
-    A global threshold needs every partition's gradient, but ZeRO builds, clips and steps them one
-    at a time. With ``republish`` given (how DeepSpeed copies a partition's fp32 weights back to
-    the model's weights), the adapter holds back the inner step of every partition but the last
-    (the step runs on an emptied param list: a no-op), keeps their clipped gradients alive, and at
-    the last one selects over all of them, replays the held steps exactly as DeepSpeed set them up,
-    and republishes their weights before DeepSpeed all-gathers. Memory: the held fp32 gradients
-    (this rank's share of the whole gradient) until the last partition steps.
+    A global threshold needs every flat tensor's gradient, but ZeRO builds, clips and steps them one
+    at a time. With ``republish`` (how DeepSpeed copies a flat tensor's fp32 weights back to the
+    model's weights), the hooks hold back the inner step of every flat tensor but the last (the step
+    runs on an emptied param list: a no-op), keep their clipped gradients alive, and at the last one
+    select over all of them, replay the held steps exactly as DeepSpeed set them up, and republish
+    their weights before DeepSpeed all-gathers. Memory: the held fp32 gradients (this rank's share
+    of the whole gradient) until the last flat tensor steps.
     """
 
-    def __init__(
-        self,
-        optimizers: Iterable[torch.optim.Optimizer],
-        partitions: dict[int, Partition],
-        engine: MaskEngine,
-        current_step: Callable[[], int],
-        republish: Callable[[torch.Tensor], None] | None = None,
-        overflowed: Callable[[], bool] | None = None,
-    ):
-        self.partitions = partitions
+    def __init__(self, layout: OptimizerLayout, engine: MaskEngine, current_step: Callable[[], int],
+                 backend: str = ""):
+        self.backend = backend  # the name of the backend module that made the layout, e.g. "zero3"
+        self.flats = layout.flats
         # True after a step that the backend itself skipped for a non-finite gradient norm (ZeRO).
-        self.backend_overflowed = overflowed or (lambda: False)
+        self.backend_overflowed = layout.overflowed or (lambda: False)
         self.engine = engine
         self.current_step = current_step
-        self.republish = republish
-        with_units = {key for key, part in partitions.items() if engine.units_of(part.tensors)}
+        self.republish = layout.republish
+        self._local = layout.local or (lambda tensor: tensor)
+        with_units = {key for key, flat in self.flats.items() if engine.units_of(flat.tensors)}
         self._global_split = engine.options.granularity == "global" and len(with_units) > 1
         self._with_units = with_units
         self._to_come: set[int] = set()
@@ -117,24 +95,25 @@ class HookAdapter:
         self._fragments: list[Fragment] = []
         self.skipped_steps: set[int] = set()  # steps skipped for inf/NaN gradients (gmt_nonfinite: skip)
         self._handles = []
-        for optimizer in optimizers:
+        for optimizer in layout.steppers:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
 
     def _stepped(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         return [
             p for group in optimizer.param_groups for p in group["params"]
-            if id(p) in self.partitions and p.grad is not None
+            if id(p) in self.flats and p.grad is not None
         ]
 
     def fragments(self, stepped: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None) -> list[Fragment]:
         fragments = []
         for index, flat in enumerate(stepped):
-            grad = (grads[index] if grads is not None else flat.grad).view(-1)
-            weight = flat.data.view(-1)
-            for piece in self.partitions[id(flat)].pieces:
-                end = piece.start + piece.numel
-                fragments.append(Fragment(piece.tensor_id, piece.offset, grad[piece.start : end], weight[piece.start : end]))
+            grad = self._local(grads[index] if grads is not None else flat.grad).view(-1)
+            weight = self._local(flat.data).view(-1)
+            for address in self.flats[id(flat)].fragments:
+                end = address.start + address.numel
+                fragments.append(Fragment(address.tensor_id, address.offset, grad[address.start : end],
+                                          weight[address.start : end]))
         return fragments
 
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -146,13 +125,13 @@ class HookAdapter:
             if not self._to_come:
                 self._to_come, self._held_step = set(self._with_units), step
             elif step != self._held_step:
-                raise RuntimeError(f"GMT held partitions of step {self._held_step} that never completed")
+                raise RuntimeError(f"GMT held flat tensors of step {self._held_step} that never completed")
             self._to_come -= {id(p) for p in stepped}
             if self._to_come:
                 self._hold(optimizer, stepped)
                 return
         flats = stepped + [flat for held in self._held for flat in held.flats]
-        units = self.engine.units_of([t for flat in flats for t in self.partitions[id(flat)].tensors])
+        units = self.engine.units_of([t for flat in flats for t in self.flats[id(flat)].tensors])
         fragments = self.fragments(stepped)
         held_fragments = [self.fragments(held.flats, held.grads) for held in self._held]
         everything = fragments + [f for group in held_fragments for f in group]
@@ -171,7 +150,7 @@ class HookAdapter:
 
     def _skip(self, optimizer, stepped) -> None:
         """Make this step a no-op on this rank (every rank takes the same decision): the held
-        partitions are dropped unstepped, and this one's inner step finds nothing to update."""
+        flat tensors are dropped unstepped, and this one's inner step finds nothing to update."""
         self.skipped_steps.add(self.current_step())
         self._held = []
         skipped = {id(p) for p in stepped}
@@ -181,7 +160,7 @@ class HookAdapter:
 
     def _hold(self, optimizer, stepped) -> None:
         if self.republish is None:
-            raise RuntimeError("a global threshold over partitions stepped apart needs a republish function")
+            raise RuntimeError("a global threshold over flat tensors stepped apart needs a republish function")
         held_ids = {id(p) for p in stepped}
         groups = [(group, list(group["params"])) for group in optimizer.param_groups]
         self._held.append(_Held(optimizer, groups, stepped, [p.grad for p in stepped]))

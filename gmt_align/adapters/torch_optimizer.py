@@ -1,21 +1,25 @@
-"""Layout for a plain torch optimizer: one process, DDP, or DeepSpeed stage 0 without fp16.
+"""Backend for a plain torch optimizer: one process, DDP, or DeepSpeed stage 0 without fp16.
 
-Every process holds whole, already-averaged gradients, so each parameter is its own partition,
+Every process holds whole, already-averaged gradients, so each parameter is its own flat tensor,
 every process computes the same mask, and no collective is needed (random masks are keyed by
-seed, step, tensor and position, never by rank).
+seed, step, tensor and position, never by rank). Reads only torch's public ``param_groups``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from .hooks import Partition, Piece
+from .layout import FlatLayout, FragmentAddress, OptimizerLayout
 
-__all__ = ["torch_partitions"]
+__all__ = ["layout"]
 
 
-def torch_partitions(optimizer: torch.optim.Optimizer, tensor_id: dict[int, int]) -> dict[int, Partition]:
-    partitions = {}
+def layout(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> OptimizerLayout:
+    """Each parameter the optimizer steps holds one whole tensor, on every process."""
+    tensor_id = {id(p): i for i, p in enumerate(params)}
+    flats = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             tid = tensor_id.get(id(param))
@@ -23,5 +27,5 @@ def torch_partitions(optimizer: torch.optim.Optimizer, tensor_id: dict[int, int]
                 continue
             if not param.is_contiguous():
                 raise ValueError(f"GMT needs contiguous parameters; tensor {tid} is not")
-            partitions[id(param)] = Partition((tid,), (Piece(tid, 0, 0, param.numel()),))
-    return partitions
+            flats[id(param)] = FlatLayout((tid,), (FragmentAddress(tid, 0, 0, param.numel()),))
+    return OptimizerLayout(flats, [optimizer], [p.numel() for p in params])

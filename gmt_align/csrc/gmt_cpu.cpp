@@ -20,9 +20,11 @@ namespace {
 constexpr int64_t LANES = 16;
 typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
 constexpr int MAX_PROBES = 16;
-constexpr int64_t BLOCK = 4096;  // entries per work item
+constexpr int64_t ITEM = 4096;  // entries per work item of at::parallel_for
 constexpr int32_t ABS = 0x7FFFFFFF;
-constexpr int64_t GROUP = 64;  // entries whose candidate flags are reduced at once (BLOCK is a multiple)
+// Entries whose candidate flags are reduced at once: kernels.BLOCK, the block of mask_and_flag's
+// marks (ITEM is a multiple).
+constexpr int64_t BLOCK = 64;
 
 inline vint load_bits(const float* p) {
   vint v;
@@ -40,7 +42,7 @@ inline int32_t bits_of(float f) {
 template <int P>
 void count_rows(const float* base, int64_t rows, int64_t cols, int64_t stride, const int32_t* probes,
                 int64_t* out) {
-  const int64_t per_row = (cols + BLOCK - 1) / BLOCK;
+  const int64_t per_row = (cols + ITEM - 1) / ITEM;
   const int64_t items = rows * per_row;
   const int threads = at::get_num_threads();
   std::vector<int64_t> partial(static_cast<size_t>(threads) * P, 0);
@@ -50,8 +52,8 @@ void count_rows(const float* base, int64_t rows, int64_t cols, int64_t stride, c
     for (int j = 0; j < P; ++j) pv[j] = vint{} + probes[j];
     for (int64_t item = first; item < last; ++item) {
       const float* row = base + (item / per_row) * stride;
-      const int64_t start = (item % per_row) * BLOCK;
-      const int64_t end = std::min(cols, start + BLOCK);
+      const int64_t start = (item % per_row) * ITEM;
+      const int64_t end = std::min(cols, start + ITEM);
       vint acc[P];
       for (int j = 0; j < P; ++j) acc[j] = vint{};
       int64_t i = start;
@@ -108,12 +110,12 @@ torch::Tensor count_at_least(torch::Tensor x, torch::Tensor probes) {
 
 // In place on x (fp32, 1-D contiguous): zero every entry whose bits are < lo. Returns the positions
 // (int64) and bit patterns (int64) of the entries in [lo, hi), in ascending position: the candidates.
-std::vector<torch::Tensor> mask_select(torch::Tensor x, int64_t lo, int64_t hi) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "mask_select: fp32 CPU tensor");
-  TORCH_CHECK(x.dim() == 1 && (x.is_contiguous() || x.numel() <= 1), "mask_select: 1-D contiguous");
+std::vector<torch::Tensor> mask_candidates(torch::Tensor x, int64_t lo, int64_t hi) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "mask_candidates: fp32 CPU tensor");
+  TORCH_CHECK(x.dim() == 1 && (x.is_contiguous() || x.numel() <= 1), "mask_candidates: 1-D contiguous");
   float* data = x.data_ptr<float>();
   const int64_t n = x.numel();
-  const int64_t items = (n + BLOCK - 1) / BLOCK;
+  const int64_t items = (n + ITEM - 1) / ITEM;
   // Candidates found per work item, kept apart and concatenated in order afterwards.
   std::vector<std::vector<int64_t>> pos(static_cast<size_t>(items)), val(static_cast<size_t>(items));
   const int32_t lo32 = static_cast<int32_t>(std::min<int64_t>(lo, INT32_MAX));
@@ -121,7 +123,7 @@ std::vector<torch::Tensor> mask_select(torch::Tensor x, int64_t lo, int64_t hi) 
   at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
     [[maybe_unused]] const vint lov = vint{} + lo32, hiv = vint{} + hi32;
     for (int64_t item = first; item < last; ++item) {
-      const int64_t start = item * BLOCK, end = std::min(n, start + BLOCK);
+      const int64_t start = item * ITEM, end = std::min(n, start + ITEM);
       int64_t i = start;
 #ifdef __AVX512F__
       // AVX-512: the comparisons give bit masks, so the candidates' lanes are read straight off them.
@@ -141,9 +143,9 @@ std::vector<torch::Tensor> mask_select(torch::Tensor x, int64_t lo, int64_t hi) 
         }
       }
 #else
-      for (; i + GROUP <= end; i += GROUP) {
+      for (; i + BLOCK <= end; i += BLOCK) {
         vint seen = vint{};
-        for (int64_t v = i; v < i + GROUP; v += LANES) {
+        for (int64_t v = i; v < i + BLOCK; v += LANES) {
           vint raw;
           std::memcpy(&raw, data + v, sizeof(raw));
           const vint b = raw & ABS;
@@ -154,8 +156,8 @@ std::vector<torch::Tensor> mask_select(torch::Tensor x, int64_t lo, int64_t hi) 
         }
         int32_t any = 0;
         for (int64_t l = 0; l < LANES; ++l) any |= seen[l];
-        if (any) {  // rescan the group: kept entries are unchanged, so their bits are still there
-          for (int64_t k = i; k < i + GROUP; ++k) {
+        if (any) {  // rescan the block: kept entries are unchanged, so their bits are still there
+          for (int64_t k = i; k < i + BLOCK; ++k) {
             const int32_t b = bits_of(data[k]);
             if (b >= lo32 && b < hi32) {
               pos[item].push_back(k);
@@ -193,5 +195,5 @@ std::vector<torch::Tensor> mask_select(torch::Tensor x, int64_t lo, int64_t hi) 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("count_at_least", &count_at_least, "entries with |x| bits >= each probe");
-  m.def("mask_select", &mask_select, "zero below lo in place; the entries in [lo, hi)");
+  m.def("mask_candidates", &mask_candidates, "zero below lo in place; the entries in [lo, hi)");
 }

@@ -21,7 +21,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from gmt_align.adapters import attach
 from gmt_align.adapters.fsdp2 import contract_missing
 from gmt_align.engine import MaskOptions
-from gmt_align.selection import NonFiniteGradientError, keep_count, random_chunks
+from gmt_align.rules import random_chunks
+from gmt_align.selection import NonFiniteGradientError, keep_count
 from gmt_align.telemetry import MaskTelemetry
 
 
@@ -175,7 +176,7 @@ def run_case(case, rank, world):
     for _ in range(2):  # one accumulation window: FSDP2 reduce-scatters and sums into the sharded grads
         ids = torch.randint(0, 37, (2, 5), generator=gen)
         model(ids, torch.roll(ids, 1, dims=1)).backward()
-    result = {"case": case, "contract_missing": contract_missing(params), "kind": type(adapter).__name__}
+    result = {"case": case, "contract_missing": contract_missing(params), "kind": adapter.backend}
     if case.get("nan"):  # a NaN in one rank's shard only
         name, on_rank = case["nan"]
         if rank == on_rank:
@@ -221,7 +222,7 @@ def run_case(case, rank, world):
     result["two_ranks_masked_one_entry"] = duplicated
     result["replicas_agree"] = all(
         per_replica[0].keys() == r.keys() and all(torch.equal(per_replica[0][n], r[n]) for n in r) for r in per_replica)
-    held = [sorted({p.tensor_id for part in adapter.partitions.values() for p in part.pieces})]
+    held = [sorted({a.tensor_id for flat in adapter.flats.values() for a in flat.fragments})]
     held_by_rank = [None] * world
     dist.all_gather_object(held_by_rank, held[0])
     result["not_on_every_rank"] = len(names) - len(set.intersection(*map(set, held_by_rank)))

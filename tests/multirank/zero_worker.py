@@ -16,10 +16,10 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from torch import nn
 
-from gmt_align.adapters import attach
-from gmt_align.adapters.zero import CONTRACT
+from gmt_align.adapters import DEEPSPEED_BACKENDS, attach
 from gmt_align.engine import MaskOptions
-from gmt_align.selection import keep_count, random_chunks
+from gmt_align.rules import random_chunks
+from gmt_align.selection import keep_count
 
 
 class Odd(nn.Module):
@@ -124,7 +124,7 @@ def run_case(case, rank, world):
             assert (target == -1).all(), "two ranks masked the same entry"
             target.copy_(torch.tensor(kept, dtype=torch.int8))
 
-    held = [sorted({piece.tensor_id for part in adapter.partitions.values() for piece in part.pieces})]
+    held = [sorted({address.tensor_id for flat in adapter.flats.values() for address in flat.fragments})]
     held_by_rank = [None] * world
     dist.all_gather_object(held_by_rank, held[0])
     on_every_rank = set.intersection(*map(set, held_by_rank))
@@ -132,13 +132,17 @@ def run_case(case, rank, world):
     # The single-process reference, by sorting.
     result = {"case": case, "tensors": {}, "comm_calls": adapter.engine.reduce.calls,
               "comm_bytes": adapter.engine.reduce.bytes, "units": len(adapter.engine.keep),
-              "partitions": sum(1 for p in adapter.partitions.values() if adapter.engine.units_of(p.tensors)),
+              "partitions": sum(1 for flat in adapter.flats.values() if adapter.engine.units_of(flat.tensors)),
               "straddling": len(on_every_rank), "not_on_every_rank": len(names) - len(on_every_rank)}
     result["kind"] = type(zopt).__name__
     result["inner"] = type(zopt.optimizer).__name__
+    # Every private attribute the backend reads, on this real instance: on the optimizer, on every
+    # parameter, on every _hp_mapping; a conditional one (backup_optimizer) exactly when DeepSpeed
+    # builds it. The same check runs at attach time; here it is reported, not raised.
+    contract = DEEPSPEED_BACKENDS[result["kind"]].CONTRACT
+    result["contract_missing"] = contract.missing(zopt, list(engine.module.parameters()))
+    result["conditional_present"] = [name for name in contract.conditional if hasattr(zopt, name)]
     mappings = [p._hp_mapping for p in engine.module.parameters() if getattr(p, "_hp_mapping", None) is not None]
-    result["contract_missing"] = [a for a in CONTRACT[result["kind"]] if not hasattr(zopt, a)] + [
-        f"_hp_mapping.{a}" for m in mappings[:1] for a in CONTRACT["_hp_mapping"] if not hasattr(m, a)]
     result["has_hp_mapping"] = bool(mappings)
 
     def scores(n):

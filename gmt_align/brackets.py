@@ -1,0 +1,141 @@
+"""Where magnitude selection probes: samples, runs, and the bracket ``[lo, hi)`` of each threshold.
+
+:func:`gmt_align.selection.select_and_mask` narrows, per unit, a bracket around its threshold T
+(the ``keep``-th largest bit pattern of |g|) from exact counts of the entries at or above a few
+probe values. This module holds the bracket (:class:`Bracket`) and the ways to choose probes:
+
+- a strided sample of the unit (:func:`sample_bits`; :func:`sample_size` entries per process);
+- evenly spaced runs of contiguous entries of a big piece (:func:`runs_of`);
+- probes spread around the best guess (:func:`spread`), some of them fixed so that every exact
+  round shrinks the bracket at least threefold whatever the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .radix import INF_BITS
+
+__all__ = ["PROBES", "RUN", "RUNS", "Bracket", "max_candidates", "runs_of", "sample_bits", "sample_size",
+           "spread"]
+
+SAMPLE = 8192
+"""Entries per unit (per process) in the strided sample that gives the first probes."""
+
+RUN, RUNS = 512, 2048
+"""The second guess counts ``RUNS`` evenly spaced runs of ``RUN`` contiguous entries of each piece
+(1 Mi entries: a cheap read, and runs cover many rows of a matrix)."""
+
+PROBES = 8
+"""Probe values counted per unit and exact round (one count pass counts them all)."""
+
+_AROUND = (-0.1, 0.1, -0.35, 0.35, -1.0, 1.0, -2.5, 2.5)
+"""Probe offsets around the best guess, in units of its expected error (the nearest first)."""
+
+
+def max_candidates(numel: int) -> int:
+    """Candidates allowed in [lo, hi) before the masking pass (bounds the gathered blocks to ~3%)."""
+    return numel // 2048 + 4096
+
+
+def sample_size(size: int) -> int:
+    """Enough that one exact count usually brackets the threshold within max_candidates(size):
+    a sample quantile is off by about size * 0.5 / sqrt(sample) entries."""
+    return min(SAMPLE, max(512, (size // 8192) ** 2))
+
+
+def _prime_at_least(value: int) -> int:
+    value = max(2, value)
+    while any(value % d == 0 for d in range(2, int(value**0.5) + 1)):
+        value += 1
+    return value
+
+
+def sample_bits(parts: Sequence[torch.Tensor], numel: int, wanted: int) -> torch.Tensor:
+    """Bit patterns (int32, unsorted) of about ``wanted`` entries taken with a prime stride."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int32)
+    stride = 1 if numel <= wanted else _prime_at_least(numel // wanted)
+    picked, start = [], 0  # position of the next sampled entry inside the unit's local entries
+    for part in parts:
+        if start < part.numel():
+            picked.append(part[start::stride].float().abs().view(torch.int32).cpu())
+        start = (start - part.numel()) % stride if part.numel() else start
+    return torch.cat(picked) if len(picked) > 1 else picked[0] if picked else torch.zeros(0, dtype=torch.int32)
+
+
+def runs_of(part: torch.Tensor) -> torch.Tensor | None:
+    """``RUNS`` evenly spaced runs of ``RUN`` entries of ``part`` as a 2-D view, or None if too small."""
+    gap = part.numel() // RUNS
+    if gap < 2 * RUN:
+        return None
+    return part[: gap * RUNS].view(RUNS, gap)[:, :RUN]
+
+
+def spread(center: float, sigma: float, slope: float, lo: int, hi: int, quantum: int,
+           guarantee: bool = True) -> list[int]:
+    """PROBES probe values in (lo, hi) around ``center`` (bits), the best guess of the threshold.
+
+    With ``guarantee``, three of them are fixed: two cut the bracket in thirds (so it shrinks at
+    least threefold whatever the data) and one sits at ``lo + quantum`` (ties: the threshold is lo
+    itself). Without (the first exact round, aimed by counted runs), all of them go around center.
+    """
+    span = hi - lo
+    fixed = [lo + quantum, lo + span // 3, lo + 2 * span // 3] if guarantee else []
+    around = [int(center + c * sigma * slope) for c in _AROUND]
+    chosen: list[int] = []
+    for p in around[:2] + fixed + around[2:]:
+        p = (p // quantum) * quantum
+        if lo < p < hi and p not in chosen and len(chosen) < PROBES:
+            chosen.append(p)
+    return sorted(chosen) + [INF_BITS] * (PROBES - len(chosen))
+
+
+class Bracket:
+    """The bracket [lo, hi) of one unit's threshold: C(lo) >= keep > C(hi), C(x) = entries >= x over
+    all processes; ``local_*`` are this process's counts per piece at lo and hi; ``probes`` the
+    values the next count round counts."""
+
+    def __init__(self, size: int, keep: int, pieces: int):
+        self.size, self.keep = size, keep
+        self.lo, self.hi = 0, INF_BITS
+        self.c_lo, self.c_hi = size, 0
+        self.local_lo, self.local_hi = [None] * pieces, [0] * pieces
+        self.probes: list[int] = []
+
+    @property
+    def inside(self) -> int:
+        return self.c_lo - self.c_hi
+
+    def resolved(self, quantum: int) -> bool:
+        """No entry can lie strictly inside: the threshold is ``lo`` (or, ``lo`` = 0, the smallest positive)."""
+        return self.hi - self.lo <= quantum
+
+    def narrow(self, counts: list[int], local: list[list[int]] | None, quantum: int,
+               scale: float = 1.0, sigma: float | None = None, guarantee: bool = True) -> None:
+        """Move the bracket to the probes around the keep-th entry; aim the next probes inside."""
+        for j, (value, count) in enumerate(zip(self.probes, counts)):
+            if value >= INF_BITS:
+                break
+            count = int(count * scale)
+            if count >= self.keep and value > self.lo:
+                self.lo, self.c_lo = value, count
+                self.local_lo = [row[j] for row in local] if local else self.local_lo
+            elif count < self.keep and value < self.hi:
+                self.hi, self.c_hi = value, count
+                self.local_hi = [row[j] for row in local] if local else self.local_hi
+        slope = (self.hi - self.lo) / max(self.inside, 1)
+        sigma = sigma if sigma is not None else max(2 * max(self.inside, 1) ** 0.5, self.inside / 16)
+        center = self.lo + (self.c_lo - self.keep + 0.5) * slope
+        self.aim = center, sigma, slope
+        self.probes = spread(center, sigma, slope, self.lo, self.hi, quantum, guarantee)
+
+    def aim_from_runs(self, counts: list[int], scale: float, sigma: float, quantum: int) -> None:
+        """Aim the probes with counts over runs (estimates, scaled by ``scale``): they move the
+        guess, never the exact bracket, and the probes spread within the exact bracket."""
+        exact = self.lo, self.hi, self.c_lo, self.c_hi
+        self.narrow(counts, None, quantum, scale, sigma, guarantee=False)
+        self.lo, self.hi, self.c_lo, self.c_hi = exact
+        self.probes = spread(*self.aim, self.lo, self.hi, quantum, guarantee=False)

@@ -1,0 +1,143 @@
+"""The selection rules — ``magnitude`` and ``random`` — each one object, chosen once per engine.
+
+A rule does three things for the engine (:class:`gmt_align.engine.MaskEngine`), on the fragments of
+the units being selected, grouped by unit:
+
+- :meth:`~SelectionRule.select_and_mask` — find each unit's threshold collectively (through
+  ``reduce``) and zero the masked gradient entries in place; returns the thresholds (int32 bit
+  patterns as int64) and the kept count of every fragment;
+- :meth:`~SelectionRule.kept_mask` — which entries of a fragment the last selection kept (until the
+  optimizer step ends: optimizers read the gradient but do not change it);
+- :meth:`~SelectionRule.restore` — ``update`` mode, after the step: write the weights saved before
+  the step back into the masked entries, bit for bit.
+
+Both keep entries whose score's bit pattern is ``>= T``. ``magnitude``: score = |g|, and T is at
+least the smallest positive float, so a kept entry has a non-zero gradient and a masked one a zero
+gradient: the masked gradient *is* the kept mask (``gradient_is_kept_mask``). ``random``: score =
+uniform [0, 1) from (seed, step, tensor, position) — :func:`random_chunks`, below — so every
+sharding of a tensor sees the same scores and the same mask; they are not the gradient, so the
+rule does not find inf/NaN gradients itself (``reads_gradient`` is False: the engine checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from .kernels import restore_masked
+from .radix import Reduce, select_thresholds
+from .selection import select_and_mask
+
+__all__ = ["RANDOM_BLOCK", "MagnitudeRule", "RandomRule", "SelectionRule", "random_chunks", "rule_for"]
+
+
+class SelectionRule(Protocol):
+    reads_gradient: bool  # the selection reads every gradient entry, so it finds inf/NaN itself
+    gradient_is_kept_mask: bool  # after masking, an entry is kept iff its gradient is non-zero
+
+    def select_and_mask(self, rows: Sequence[Sequence], keep: Sequence[int], sizes: Sequence[int],
+                        reduce: Reduce | None, names: Sequence[str], step: int
+                        ) -> tuple[torch.Tensor, list[list[int]]]: ...
+
+    def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor: ...
+
+    def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None: ...
+
+
+class MagnitudeRule:
+    """Keep the largest |g| of each unit (:func:`gmt_align.selection.select_and_mask`)."""
+
+    reads_gradient = True
+    gradient_is_kept_mask = True
+
+    def select_and_mask(self, rows, keep, sizes, reduce, names, step):
+        grads = [[fragment.grad for fragment in row] for row in rows]
+        return select_and_mask(len(rows), grads.__getitem__, keep, sizes, reduce, names)
+
+    def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor:
+        # kept: |g| >= T >= smallest positive; masked entries are 0
+        return fragment.grad.float().abs().view(torch.int32) >= threshold
+
+    def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None:
+        restore_masked(fragment.weight, saved, fragment.grad, threshold)  # masked: |g| < T
+
+
+class RandomRule:
+    """Keep the entries of each unit with the largest random scores (the paper's random baseline)."""
+
+    reads_gradient = False
+    gradient_is_kept_mask = False
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def scores(self, fragment, step: int) -> Iterator[torch.Tensor]:
+        """The fragment's scores, chunk by chunk: the same whichever process holds it."""
+        yield from random_chunks(self.seed, step, fragment.tensor_id, fragment.offset, fragment.grad.numel())
+
+    def select_and_mask(self, rows, keep, sizes, reduce, names, step):
+        def row_scores(row: int) -> Iterator[torch.Tensor]:
+            for fragment in rows[row]:
+                yield from self.scores(fragment, step)
+
+        thresholds = select_thresholds(len(rows), row_scores, keep, reduce, names)
+        kept = [[self._mask(fragment, threshold, step) for fragment in row]
+                for row, threshold in zip(rows, thresholds.tolist())]
+        return thresholds, kept
+
+    def _mask(self, fragment, threshold: int, step: int) -> int:
+        """Zero the masked entries of one fragment's gradient; returns how many it keeps."""
+        start, kept_total = 0, 0
+        for scores in self.scores(fragment, step):
+            stop = start + scores.numel()
+            kept = scores.view(torch.int32) >= threshold
+            fragment.grad[start:stop].masked_fill_(~kept.to(fragment.grad.device), 0)
+            kept_total += int(kept.sum())
+            start = stop
+        return kept_total
+
+    def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor:
+        return torch.cat([c.view(torch.int32) >= threshold for c in self.scores(fragment, step)]
+                         or [torch.zeros(0, dtype=torch.bool)])
+
+    def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None:
+        masked = ~self.kept_mask(fragment, threshold, step).to(fragment.weight.device)
+        fragment.weight[masked] = saved[masked]
+
+
+def rule_for(selection: str, seed: int) -> SelectionRule:
+    """The rule named by ``gmt_selection``."""
+    if selection == "magnitude":
+        return MagnitudeRule()
+    if selection == "random":
+        return RandomRule(seed)
+    raise ValueError(f"unknown selection {selection!r}: magnitude or random")
+
+
+# --- random scores -------------------------------------------------------------------------------
+RANDOM_BLOCK = 1 << 16
+"""Random scores are drawn in blocks of this many positions, each from its own seed, so the score of
+an element depends only on (seed, step, tensor, position): any sharding sees the same scores."""
+
+
+def random_chunks(seed: int, step: int, tensor_id: int, offset: int, numel: int) -> Iterable[torch.Tensor]:
+    """Yield uniform [0, 1) float32 scores for positions ``[offset, offset + numel)`` of a tensor."""
+    end = offset + numel
+    generator = torch.Generator()
+    for block in range(offset // RANDOM_BLOCK, -(-end // RANDOM_BLOCK)):
+        generator.manual_seed(_mix(seed, step, tensor_id, block))
+        start = block * RANDOM_BLOCK
+        scores = torch.rand(RANDOM_BLOCK, generator=generator)
+        yield scores[max(offset, start) - start : min(end, start + RANDOM_BLOCK) - start]
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 over the values: distinct (seed, step, tensor, block) give unrelated seeds."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+    return state & 0x7FFFFFFFFFFFFFFF
