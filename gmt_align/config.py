@@ -49,9 +49,10 @@ Parameters (added to every field of the parent TRL config):
 > GMT telemetry
 
     gmt_telemetry (`bool`, defaults to `True`):
-        Track per-entry churn and coverage (``gmt/churn``, ``gmt/coverage``): 2 bits per entry
-        held, one pass over the kept mask per step. Kept fractions per block and module kind are
-        logged either way (see :mod:`gmt_align.telemetry`).
+        Track retained gradient energy, churn and coverage (``gmt/retained_energy``,
+        ``gmt/churn``, ``gmt/coverage``, overall and per block and module kind): 2 bits per entry
+        held, one pass over the kept mask and two gradient norms per step. Kept fractions and
+        thresholds are logged either way (see :mod:`gmt_align.telemetry`).
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ class GMTArguments:
     )
     gmt_telemetry: bool = field(
         default=True,
-        metadata={"help": "Track per-entry churn and coverage of the masks (2 bits per entry, one pass per "
-                  "step); kept fractions per block and module kind are logged either way."},
+        metadata={"help": "Track retained gradient energy, churn and coverage (2 bits per entry, one pass and "
+                  "two gradient norms per step); kept fractions and thresholds are logged either way."},
     )
 
     gmt_nonfinite: str = field(
