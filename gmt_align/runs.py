@@ -6,9 +6,8 @@ Checked before any model loads (``gmt-align sft|dpo`` and ``validate``) and agai
   (checkpoints, a saved model, ``gmt_stats.jsonl``) unless ``overwrite_output_dir: true``, which
   removes that run's checkpoints and stats first, so nothing of it can be resumed or reported later.
 - **An incomplete checkpoint.** ``resume_from_checkpoint: true`` takes the newest *complete*
-  checkpoint: its ``trainer_state.json`` (written last by the Trainer) parses, and each rank's GMT
-  telemetry file it promised is there. A checkpoint cut short by a kill while saving is passed
-  over, with a warning naming it.
+  checkpoint: its ``trainer_state.json`` (written last by the Trainer) parses. A checkpoint cut
+  short by a kill while saving is passed over, with a warning naming it.
 - **Other settings.** Every checkpoint carries the ``gmt_*`` settings it was trained with, inside
   ``trainer_state.json`` (``stateful_callbacks``: :class:`GMTRunRecord`). Resuming with a different
   ratio, granularity, mode, selection, exclude list or seed refuses, naming each difference,
@@ -104,16 +103,11 @@ def saved_record(checkpoint: str | os.PathLike) -> dict | None:
 
 
 def complete_checkpoint(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from, or ``None`` if it is complete."""
-    record = saved_record(checkpoint)
-    if record is None:
-        return "no readable trainer_state.json (cut short while saving?)"
-    if record.get("telemetry_files"):
-        missing = [f"gmt_telemetry_rank{rank}.pt" for rank in range(int(record.get("world_size", 1)))
-                   if not (checkpoint / f"gmt_telemetry_rank{rank}.pt").is_file()]
-        if missing:
-            return f"missing {', '.join(missing)}"
-    return None
+    """Why ``checkpoint`` cannot be resumed from, or ``None`` if it is complete: the Trainer writes
+    ``trainer_state.json`` last, so a checkpoint cut short while saving has none (or a torn one). A
+    rank's GMT telemetry file, written after it, only carries coverage: without it the run resumes
+    and coverage starts afresh, with a warning (gmt_align.trainers.start_telemetry)."""
+    return "no readable trainer_state.json (cut short while saving?)" if saved_record(checkpoint) is None else None
 
 
 def resolve_resume(resume, output_dir: str) -> str | None:

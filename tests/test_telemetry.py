@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from gmt_align.runs import RunFolderError
 import torch
 from transformers import AutoTokenizer
 
@@ -341,8 +343,9 @@ def test_resume_continues_the_run_and_its_coverage(wandb_run, tokenizer, tmp_pat
     assert [r["step"] for r in continued] == [2, 4] and {r["run_id"] for r in continued} == {original[0]["run_id"]}
     for key in ("gmt/kept_fraction", "gmt/retained_energy", "gmt/churn", "gmt/coverage", "gmt/churn/block_01"):
         assert continued[1][key] == original[1][key], key  # the same run, interrupted: the same figures
-    # A new run never appends to another run's file.
-    with pytest.raises(TelemetryStateError, match="already holds the figures of run"):
+    # A new run never appends to another run's file: the folder is refused before anything starts
+    # (gmt_align.runs; stats_file.continue_run's own refusal is the second guard, tested in test_report).
+    with pytest.raises(RunFolderError, match="already holds a run"):
         train(tokenizer, again, report_to="none", save_strategy="no")
     assert load_stats(again / "gmt_stats.jsonl") == continued
     # No telemetry state in the checkpoint: a warning, and coverage counts from the resumed step.

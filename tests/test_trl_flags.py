@@ -78,13 +78,11 @@ def test_lora_first_step_keeps_no_entry_of_a(lora_run):
     ratio = yaml.safe_load((ROOT / "recipes/quickstart/sft.yaml").read_text())["gmt_mask_ratio"]
     step1, step2 = [json.loads(line) for line in (out / "gmt_stats.jsonl").read_text().splitlines()]
     adapter = load_file(str(out / "adapter_model.safetensors"))
-    for kind in ("q_proj", "v_proj"):
-        sizes = {part: [w.numel() for name, w in adapter.items() if kind in name and part in name]
-                 for part in ("lora_A", "lora_B")}
-        total = sum(sizes["lora_A"]) + sum(sizes["lora_B"])
-        first = sum(keep_count(n, ratio) for n in sizes["lora_B"]) / total
-        assert step1[f"gmt/kept_fraction/{kind}"] == pytest.approx(first, abs=1e-3)
-        assert step2[f"gmt/kept_fraction/{kind}"] == pytest.approx(1 - ratio, abs=1e-3)
+    # Under tensor granularity the figures are over all masked (adapter) tensors: per-kind kept
+    # fractions would be 1 - ratio by construction and are not logged (docs/telemetry.md).
+    sizes = {part: [w.numel() for name, w in adapter.items() if part in name] for part in ("lora_A", "lora_B")}
+    first = sum(keep_count(n, ratio) for n in sizes["lora_B"]) / (sum(sizes["lora_A"]) + sum(sizes["lora_B"]))
+    assert step1["gmt/kept_fraction"] == pytest.approx(first, abs=1e-3)
     assert step1["gmt/kept_fraction"] < 0.5 < 1 - ratio == pytest.approx(step2["gmt/kept_fraction"], abs=1e-3)
 
 
