@@ -69,7 +69,9 @@ def case_id(case):
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zero")
     (folder / "cases.json").write_text(json.dumps(CASES))
-    ranks = run_ranks(["tests/multirank/zero_worker.py", str(folder / "cases.json"), str(folder / "out.jsonl")])
+    # One launch runs the whole matrix: a few minutes on an idle machine, far more on a shared one.
+    ranks = run_ranks(["tests/multirank/zero_worker.py", str(folder / "cases.json"), str(folder / "out.jsonl")],
+                      timeout=2400)
     for rank in ranks:
         assert rank.returncode == 0, rank.stdout[-4000:]
     lines = [json.loads(line) for line in (folder / "out.jsonl").read_text().splitlines()]
