@@ -41,6 +41,8 @@ __all__ = [
     "settings_of",
 ]
 
+# What a command line's ``--resume_from_checkpoint`` may say instead of a path (a YAML `true` is a bool).
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "1", "0", "")
 SETTINGS = ("gmt_mask_ratio", "gmt_granularity", "gmt_mode", "gmt_selection", "gmt_exclude", "gmt_seed")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -68,21 +70,20 @@ class GMTRunRecord(TrainerCallback, ExportableState):
     as the Trainer rebuilds it with ``restore_callback_states_from_checkpoint``.
     """
 
-    def __init__(self, settings: dict | None = None, world_size: int = 1, telemetry_files: bool = False):
+    def __init__(self, settings: dict | None = None, world_size: int = 1, telemetry_files: bool | None = None):
+        # ``telemetry_files`` is what checkpoints of the first release recorded; it is accepted so that
+        # the Trainer can rebuild this callback from them, and no longer written or read.
         self.settings = dict(settings or {})
         self.world_size = world_size
-        self.telemetry_files = telemetry_files
 
     def on_train_begin(self, args, state, control, **kwargs):
         from .distributed import world_size_of
 
         self.settings = settings_of(args)  # those of this run, also when rebuilt from a checkpoint
         self.world_size = world_size_of()
-        self.telemetry_files = bool(args.gmt_mask_ratio > 0 and args.gmt_telemetry)
 
     def state(self) -> dict:
-        return {"args": {"settings": self.settings, "world_size": self.world_size,
-                         "telemetry_files": self.telemetry_files}, "attributes": {}}
+        return {"args": {"settings": self.settings, "world_size": self.world_size}, "attributes": {}}
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -113,7 +114,7 @@ def complete_checkpoint(checkpoint: Path) -> str | None:
 def resolve_resume(resume, output_dir: str) -> str | None:
     """``resume_from_checkpoint`` as a checkpoint path (or ``None``): ``true`` (also the command
     line's ``"true"``) means the newest complete checkpoint of ``output_dir``."""
-    if isinstance(resume, str) and resume.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
+    if isinstance(resume, str) and resume.strip().lower() in BOOLEAN_WORDS:
         resume = resume.strip().lower() in ("true", "yes", "1")
     if resume is False or resume is None:
         return None

@@ -173,9 +173,6 @@ def _missing(path: str) -> bool:
     return _looks_local(path) and not Path(path).expanduser().exists()
 
 
-BOOLEAN_WORDS = ("true", "false", "yes", "no", "1", "0", "")
-
-
 def source_problems(script_args, training_args, model_args) -> list[str]:
     """Everything a recipe names that must exist or fit together before training: one line per problem.
 
@@ -197,6 +194,8 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     if template and _missing(template):
         problems.append(f"chat_template_path: no such file {template}")
     resume = option_value(training_args, "resume_from_checkpoint")  # a path, or true/false (YAML or command line)
+    from .runs import BOOLEAN_WORDS
+
     if isinstance(resume, str) and resume.strip().lower() not in BOOLEAN_WORDS and not Path(resume).expanduser().is_dir():
         problems.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
     return problems + model_option_problems(model_args)
