@@ -15,12 +15,15 @@ registry and the documents show the same lines, and that each named test runs it
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NODE_VARIABLES = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
                   "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE",
                   "CUDA_VISIBLE_DEVICES", "GMT_ALIGN_CPP", "GMT_ALIGN_COMPILE")
+DEFAULT_PORT = 29500  # deepspeed's, accelerate's and torchrun's, and the README's --main_process_port
 HOSTFILE = "node0 slots=1\nnode1 slots=1\n"  # 2 nodes of 1 process each, the README's example
 
 
@@ -133,13 +137,29 @@ def launch(name: str, output_dir, *overrides: str, env: dict | None = None, time
                  *overrides]
     command = f"{launcher.line} {shlex.join(additions)}"
     base = launcher_env(**(env or {}))
-    with launch_directory(base) as directory:
+    with default_port_held(), launch_directory(base) as directory:
         nodes = [(["bash", "-c", command], {**base, "NODE_RANK": str(rank), "HEAD_ADDR": "127.0.0.1"})
                  for rank in range(launcher.nodes)]
         results = run_together(nodes, timeout, cwd=directory)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"{name}, node {rank}: {command}\n{result.stdout[-4000:]}"
     return [result.stdout for result in results]
+
+
+@contextmanager
+def default_port_held(wait: float = 120):
+    """The documented lines rendezvous on the launchers' default port, 29500, so two test sessions on
+    one machine must not launch at once (a rank could join the other job): hold a machine-wide lock,
+    and wait for the port to be free of the last job."""
+    with open(Path(tempfile.gettempdir()) / "gmt-align-launch-29500.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", DEFAULT_PORT)) != 0:
+                    break
+            time.sleep(1)
+        yield  # the lock goes with the file
 
 
 def launcher_env(**extra: str) -> dict:

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,10 +51,15 @@ def run_together(commands: list[tuple[list[str], dict]], timeout: float = 900,
                          start_new_session=True)  # a launcher's ranks are its process group
         for command, env in commands
     ]
+    deadline = time.monotonic() + timeout
     results = []
     try:
-        for rank, proc in enumerate(procs):
-            out, _ = proc.communicate(timeout=timeout)
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # keep what it printed: it says where it hung
+                os.killpg(proc.pid, signal.SIGKILL)
+                out = f"{proc.communicate()[0]}\n[killed after {timeout:.0f} s]"
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, ""))
     finally:
         for proc in procs:
