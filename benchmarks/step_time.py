@@ -36,7 +36,8 @@ def worker(args) -> None:
     os.chdir(ROOT)
     from transformers import TrainerCallback
 
-    from gmt_align.train import load_train_dataset, parse_recipe
+    from gmt_align.data import load_train_dataset
+    from gmt_align.recipe import parse_recipe
     from gmt_align.trainers import GMTSFTTrainer
 
     durations: list[float] = []

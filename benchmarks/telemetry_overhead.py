@@ -40,7 +40,8 @@ class StepClock(TrainerCallback):
 
 def step_time(telemetry: bool, steps: int, output_dir: str) -> float:
     """Seconds per optimizer step of one quickstart run in this process."""
-    from gmt_align.train import load_train_dataset, parse_recipe
+    from gmt_align.data import load_train_dataset
+    from gmt_align.recipe import parse_recipe
     from gmt_align.trainers import GMTSFTTrainer
 
     script, args, model_args = parse_recipe("sft", [

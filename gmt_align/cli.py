@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return evaluate(rest)
 
-    from .train import METHODS
+    from .recipe import METHODS
 
     if command not in METHODS:
         choices = ", ".join((*METHODS, "validate", "report", "eval", "env"))
@@ -108,10 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(command: str, rest: list[str]) -> int:
     from .adapters import UnsupportedOptimizerError
     from .config import GMTSettingError
+    from .data import DataError
+    from .recipe import RecipeError, parse_recipe
     from .runs import RunFolderError
     from .selection import NonFiniteGradientError
     from .stats_file import TelemetryStateError
-    from .train import DataError, RecipeError, parse_recipe, train
+    from .train import train
 
     try:
         parsed = parse_recipe(command, rest)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gmt_align.cli import main
-from gmt_align.train import parse_recipe
+from gmt_align.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # A hub id that cannot be loaded offline: if a bad recipe got as far as loading it, the error
@@ -80,13 +80,37 @@ def test_bad_gmt_value_on_command_line(capsys, recipe, key, value):
 def test_unknown_recipe_key_is_named(capsys, recipe):
     status, lines = run_main(capsys, "sft", "--config", recipe(gmt_mask_ration=0.3))
     assert status == 2
-    assert lines == ["gmt-align sft: error: unknown key(s) in recipe: gmt_mask_ration"]
+    assert lines == ["gmt-align sft: error: unknown key 'gmt_mask_ration' (did you mean 'gmt_mask_ratio'?)"]
 
 
 def test_unknown_command_line_flag_is_named(capsys, recipe):
     status, lines = run_main(capsys, "sft", "--config", recipe(), "--gmt_ratio", "0.3")
     assert status == 2
     assert len(lines) == 1 and "gmt_ratio" in lines[0], lines
+
+
+def test_a_shortened_flag_is_refused_not_taken_for_the_field_it_begins(capsys, recipe):
+    # argparse would read --max_step as --max_steps, and --gmt_mask as --gmt_mask_ratio
+    status, lines = run_main(capsys, "sft", "--config", recipe(), "--max_step", "3")
+    assert status == 2
+    assert lines == ["gmt-align sft: error: unknown key 'max_step' (did you mean 'max_steps'?)"]
+
+
+def test_a_dpo_field_in_an_sft_command_says_so(capsys, recipe):
+    status, lines = run_main(capsys, "sft", "--config", recipe(beta=0.1))
+    assert status == 2
+    assert lines == ["gmt-align sft: error: beta is a DPO field, not an SFT one"]
+
+
+def test_a_json_optimizer_next_to_the_recipes_optim_is_refused_before_loading(capsys, recipe, tmp_path):
+    # what validate reports is what the training command refuses: the JSON block would override optim
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    status, lines = run_main(capsys, "sft", "--config", recipe(optim="adamw_torch", deepspeed=str(tmp_path / "ds.json")))
+    assert status == 2
+    assert lines == ["gmt-align sft: error: the JSON's optimizer block replaces the recipe's optim: adamw_torch "
+                     "(remove one of them)"], lines
 
 
 def test_missing_files_are_named(capsys, recipe, tmp_path):
@@ -152,3 +176,26 @@ def test_real_process_exits_2_without_traceback(recipe):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors == ["gmt-align dpo: error: gmt_mode must be one of gradient, update; got 'sideways'"]
+
+
+def test_checking_the_deepspeed_config_leaves_zero3_on_for_model_loading(smollm2_dir, tmp_path):
+    """The DeepSpeed checks build their own transformers DeepSpeed config; the run's must stay the one
+    that decides ``zero.Init`` when the model loads (else ZeRO-3 would load whole models on each rank)."""
+    script = (
+        "import os, sys\n"
+        "from gmt_align.distributed import single_process_environment\n"
+        "os.environ.update(single_process_environment())\n"
+        "from gmt_align.recipe import parse_recipe\n"
+        "from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled\n"
+        "_, args, _ = parse_recipe('sft', sys.argv[1:])\n"
+        "print('zero3', is_deepspeed_zero3_enabled(), args.hf_deepspeed_config.is_zero3())\n"
+    )
+    from gmt_align.quickstart import prepare_quickstart
+
+    prepare_quickstart(ROOT / ".cache" / "quickstart")
+    argv = ["--config", "recipes/quickstart/sft.yaml", "--deepspeed", "ds_configs/zero3.json",
+            "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert "zero3 True True" in done.stdout, done.stdout + done.stderr[-3000:]

@@ -104,7 +104,7 @@ def test_opted_in_resume_under_new_settings_restarts_telemetry(tokenizer, checkp
 def test_resume_true_from_the_command_line_takes_the_newest_complete_checkpoint(quickstart_files, checkpointed,
                                                                                tmp_path, capsys):
     """A kill while saving leaves checkpoint-2 with the model but no trainer_state.json."""
-    from gmt_align.train import parse_recipe
+    from gmt_align.recipe import parse_recipe
 
     run = copy_run(checkpointed, tmp_path)
     (run / "checkpoint-2" / "trainer_state.json").unlink()

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from gmt_align.cli import main
 from gmt_align.environment import installed
 from gmt_align.selection import keep_count
-from gmt_align.train import load_datasets, parse_recipe
+from gmt_align.data import load_datasets
+from gmt_align.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "trl-options.md"

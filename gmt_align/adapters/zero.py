@@ -1,7 +1,7 @@
 """What GMT refuses in DeepSpeed's settings, said once for both moments it can be seen.
 
 - Before any model loads, from the DeepSpeed JSON: :func:`refusals_in_config` (``gmt-align
-  sft|dpo`` and ``gmt-align validate`` call it through ``gmt_align.train.deepspeed_refusals``).
+  sft|dpo`` and ``gmt-align validate`` call it through ``gmt_align.deepspeed_checks.deepspeed_refusals``).
 - At attach time, from the optimizer DeepSpeed built: each backend (``zero12.py``, ``zero3.py``,
   ``bf16.py``) reads the attributes that carry these settings on its class — listed in its
   ``CONTRACT`` — and hands them to :func:`refuse`.
