@@ -183,7 +183,8 @@ def count_at_least(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     cpp = _cpp_for(x)
     if cpp is not None and probes.numel() <= 16 and (
             (x.dim() == 1 and x.is_contiguous()) or (x.dim() == 2 and x.stride(1) == 1)):
-        return cpp.count_at_least(x, probes.to(torch.int32).contiguous())
+        none = torch.zeros(0, dtype=torch.int64)
+        return cpp.count_many([x], none, none, probes.to(torch.int32).reshape(1, -1).contiguous())[0]
     if x.dim() > 1:  # a view of runs (selection's subsample): small
         return _run("count", x, probes).to(torch.int64).cpu()
     total = torch.zeros(probes.shape[0], dtype=torch.int64)
@@ -218,7 +219,8 @@ def mask_candidates(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, to
     ``[lo, hi)`` (none when ``lo == hi``)."""
     cpp = _cpp_for(x)
     if cpp is not None and x.is_contiguous():
-        positions, bits = cpp.mask_candidates(x, lo, hi)
+        none = torch.zeros(0, dtype=torch.int64)
+        positions, bits, _ = cpp.mask_many([x], none, none, torch.tensor([lo]), torch.tensor([hi]))
         return positions, bits
     marks = mask_and_flag(x, lo, hi)
     if lo >= hi:
