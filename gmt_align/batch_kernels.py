@@ -38,10 +38,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def random_bits(key: int, positions: torch.Tensor) -> torch.Tensor:
     """int32 bit patterns of the random scores at ``positions`` (int64) of a tensor with this step's
-    ``key``: ``(mix32(mix32(lo(q) ^ k1) ^ k2 ^ hi(q) * 0x9E3779B9) >> 8) / 2^24``."""
+    ``key`` (k1: its low word, k2: its high word): ``mix32(lo(q) * (k2 | 1) + (k1 ^ hi(q) * 0x9E3779B9))
+    >> 8``, over 2^24 — a Weyl sequence through a mixer (as splitmix), whose start and increment
+    the key chooses."""
     k1, k2 = key & _WORD, (key >> 32) & _WORD
     lo, hi = positions & _WORD, positions >> 32
-    h = _mix32(_mix32(lo ^ k1) ^ k2 ^ ((hi * 0x9E3779B9) & _WORD))
+    h = _mix32((lo * (k2 | 1) + (k1 ^ ((hi * 0x9E3779B9) & _WORD))) & _WORD)
     return ((h >> 8).to(torch.float32) * 2.0**-24).view(torch.int32)
 
 
@@ -68,15 +70,20 @@ def _keys(keys: Sequence[int] | None, offsets: Sequence[int] | None) -> tuple[to
     return torch.tensor(list(keys), dtype=torch.int64), torch.tensor(list(offsets), dtype=torch.int64)
 
 
-def _scores_of(view: torch.Tensor, key: int | None, offset: int) -> torch.Tensor:
-    """Eager: the int32 scores of a 1-D piece or a 2-D view of runs (rows ``stride(0)`` apart)."""
-    if key is None:
-        return view.float().abs().view(torch.int32)
+_CHUNK = 1 << 20
+"""Entries per chunk of the eager random scores: bounds their temporaries."""
+
+
+def _random_chunks(view: torch.Tensor, key: int, offset: int):
+    """Eager: (start, int32 scores) of a 1-D piece chunk by chunk, or of a 2-D view of runs (rows
+    ``stride(0)`` apart; small) at once."""
     if view.dim() == 2:
         rows = torch.arange(view.shape[0], dtype=torch.int64, device=view.device) * view.stride(0)
         positions = offset + rows[:, None] + torch.arange(view.shape[1], dtype=torch.int64, device=view.device)
-        return random_bits(key, positions)
-    return random_range(key, offset, view.numel(), view.device)
+        yield 0, random_bits(key, positions).reshape(-1)
+        return
+    for start in range(0, view.numel(), _CHUNK):
+        yield start, random_range(key, offset + start, min(_CHUNK, view.numel() - start), view.device)
 
 
 def count_many(views: Sequence[torch.Tensor], probes: torch.Tensor, keys: Sequence[int] | None = None,
@@ -88,14 +95,18 @@ def count_many(views: Sequence[torch.Tensor], probes: torch.Tensor, keys: Sequen
             (v.dim() == 1 and (v.is_contiguous() or v.numel() <= 1)) or (v.dim() == 2 and v.stride(1) == 1)
             for v in views):
         return cpp.count_many(list(views), *_keys(keys, offsets), probes)
-    out = torch.zeros(len(views), probes.shape[1], dtype=torch.int64)
+    # piece by piece, the counts left on the device and fetched together: one wait, not one per piece
+    on = {v.device: probes.to(v.device) for v in views}
+    rows = []
     for k, view in enumerate(views):
         if keys is None:
-            out[k] = kernels.count_at_least(view, probes[k].to(view.device))
-        elif view.numel():
-            bits = _scores_of(view, keys[k], offsets[k]).reshape(-1)
-            out[k] = (bits[:, None] >= probes[k].to(bits.device)).sum(0).cpu()
-    return out
+            rows.append(kernels.count_at_least(view, on[view.device][k], on_device=True).to(views[0].device))
+        else:
+            row = torch.zeros(probes.shape[1], dtype=torch.int64, device=view.device)
+            for _, bits in _random_chunks(view, keys[k], offsets[k]):
+                row += (bits[:, None] >= on[view.device][k]).sum(0)
+            rows.append(row.to(views[0].device))
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, probes.shape[1], dtype=torch.int64)
 
 
 def mask_many(pieces: Sequence[torch.Tensor], lo: Sequence[int], hi: Sequence[int],
@@ -113,10 +124,13 @@ def mask_many(pieces: Sequence[torch.Tensor], lo: Sequence[int], hi: Sequence[in
         if keys is None:
             where, bits = kernels.mask_candidates(piece, int(lo[k]), int(hi[k]))
         else:
-            bits = _scores_of(piece, keys[k], offsets[k])
-            piece.masked_fill_(bits < lo[k], 0)
-            where = ((bits >= lo[k]) & (bits < hi[k])).nonzero().flatten()
-            where, bits = where.cpu(), bits[where].to(torch.int64).cpu()
+            found, scores = [], []
+            for start, chunk in _random_chunks(piece, keys[k], offsets[k]):
+                piece[start : start + chunk.numel()].masked_fill_(chunk < lo[k], 0)
+                inside = ((chunk >= lo[k]) & (chunk < hi[k])).nonzero().flatten()
+                found.append((inside + start).cpu()), scores.append(chunk[inside].to(torch.int64).cpu())
+            empty = torch.zeros(0, dtype=torch.int64)
+            where, bits = torch.cat(found) if found else empty, torch.cat(scores) if scores else empty
         positions.append(where)
         values.append(bits)
         counts.append(where.numel())

@@ -5,22 +5,24 @@ the caller passes a ``reduce`` callable (identity on one process, an all-reduce(
 and every decision is taken from reduced integer counts, so every rank takes the same one and the
 result is the exact threshold a sort of the whole unit would give (tests check it against a sort).
 
-:func:`select_and_mask` reads the gradient about twice and writes it once, in four phases:
+:func:`select_and_mask` reads the gradient about twice and writes it once, in four phases, each
+one batched kernel call over every piece of every unit (:mod:`gmt_align.batch_kernels`: a model's
+hundreds of tensors, or a ZeRO partition's hundreds of slices, cost one call per pass, not one each):
 
 1. :func:`guess` — a strided sample of each unit, then (big units) counts over evenly spaced runs,
-   give probe values near the threshold T without a full read; one ``[units, 9]`` all-reduce each;
-2. :func:`count` — one fused pass counts the entries at or above each probe; the exact counts,
-   all-reduced (``[units, 11]``), bracket T in ``[lo, hi)`` with few entries inside (repeated only
-   if not); the first round also counts inf/NaN, so every rank raises together;
+   give probe values near the threshold T without a full read; one ``[units, 16]`` all-reduce each;
+2. :func:`count` — one fused pass counts the entries at or above each of 15 probes; the exact
+   counts, all-reduced (``[units, 18]``), bracket T in ``[lo, hi)`` with few entries inside
+   (repeated only if not); the first round also counts inf/NaN, so every rank raises together;
 3. :func:`mask` — one fused read-modify-write zeroes everything below ``lo`` and collects the
    entries in ``[lo, hi)``: the candidates, a tiny fraction of the gradient;
-4. :func:`finish` — the exact T among the candidates (``kthvalue`` on one process, radix rounds of
-   at most ``[units, 4096]`` counts across ranks: :func:`gmt_align.radix.radix_within`); the
-   candidates below T are zeroed.
+4. :func:`finish` — the exact T among the candidates (the k-th largest of each unit's candidates
+   on one process, radix rounds of at most ``[units, 4096]`` counts across ranks:
+   :func:`gmt_align.radix.radix_within`); the candidates below T are zeroed.
 
 The score of an entry is the int32 bit pattern of |g| as float32 (which orders like the value);
-probes and brackets live in :mod:`gmt_align.brackets`, the fused passes in :mod:`gmt_align.kernels`.
-``random`` selection scores differently and counts with :func:`gmt_align.radix.select_thresholds`.
+probes and brackets live in :mod:`gmt_align.brackets`. ``random`` selection runs the same phases
+over position-keyed random scores (``random_keys``), which the kernels compute where they need them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from . import batch_kernels
-from .brackets import PROBES, RUN, RUNS, Bracket, _prime_at_least, max_candidates, runs_of, sample_size
+from .brackets import PROBES, RUN, RUNS, Bracket, max_candidates, runs_of, sample_size, sample_stride
 from .radix import (
     INF_BITS,
     NonFiniteGradientError,
@@ -164,18 +166,15 @@ _SPOTS = (-3.0, -2.3, -1.75, -1.3, -0.9, -0.55, -0.25, 0.0, 0.25, 0.55, 0.9, 1.3
 def _guess_from_samples(brackets, flat: Pieces, quantum, reduce) -> None:
     """Probes at sample quantiles around keep/n, averaged over processes with weights = entries held.
 
-    The sample of a unit: every ``stride``-th entry of its pieces (a prime stride, continued from
-    piece to piece: :func:`gmt_align.brackets.sample_bits`); all units' picks in one batched call."""
+    The sample of a unit: every ``stride``-th entry of its pieces (:func:`gmt_align.brackets.sample_stride`,
+    continued from piece to piece); all units' picks in one batched call."""
     parts = flat.parts
     local = [_held(unit_parts) for unit_parts in parts]
     guesses = torch.zeros(len(parts), PROBES + 1, dtype=torch.int64)
     members = [u for u in brackets if local[u] > 0]
-    picks = [[0] * PROBES for _ in parts]
-    indices, starts, strides = [], [], []
+    indices, starts, strides, sizes = [], [], [], []
     for u in members:
-        n, k = brackets[u].size, brackets[u].keep
-        wanted = sample_size(n)
-        stride = 1 if local[u] <= wanted else _prime_at_least(local[u] // wanted)
+        stride = sample_stride(local[u], sample_size(brackets[u].size))
         start, size = 0, 0
         for index in range(flat.first[u], flat.first[u + 1]):
             numel = flat.tensors[index].numel()
@@ -183,21 +182,25 @@ def _guess_from_samples(brackets, flat: Pieces, quantum, reduce) -> None:
             if start < numel:
                 size += (numel - start + stride - 1) // stride
             start = (start - numel) % stride if numel else start
-        sigma = (k / n * (1 - k / n) / size) ** 0.5 + 1 / size  # of a sample quantile, as a fraction
-        picks[u] = [min(max(int((k / n + c * sigma) * size), 0), size - 1) for c in _SPOTS]
+        sizes.append(size)
     if members:
-        picked = batch_kernels.sample_picks([flat.tensors[k] for k in indices], [flat.unit[k] for k in indices],
-                                            starts, strides, torch.tensor(picks, dtype=torch.int64),
-                                            *flat.keys_of(indices))
         rows = torch.tensor(members)
+        size = torch.tensor(sizes, dtype=torch.float64)[:, None]
+        fraction = torch.tensor([brackets[u].keep / brackets[u].size for u in members], dtype=torch.float64)[:, None]
+        sigma = (fraction * (1 - fraction) / size).sqrt() + 1 / size  # of a sample quantile, as a fraction
+        at = ((fraction + torch.tensor(_SPOTS, dtype=torch.float64) * sigma) * size).to(torch.int64)
+        picks = torch.zeros(len(parts), PROBES, dtype=torch.int64)
+        picks[rows] = torch.minimum(at.clamp(min=0), size.to(torch.int64) - 1)
+        picked = batch_kernels.sample_picks([flat.tensors[k] for k in indices], [flat.unit[k] for k in indices],
+                                            starts, strides, picks, *flat.keys_of(indices))
         held = torch.tensor([local[u] for u in members], dtype=torch.int64)
         guesses[rows, :PROBES] = picked[rows] * held[:, None]
         guesses[rows, PROBES] = held
-    guesses = reduce(guesses).tolist()
+    guesses = reduce(guesses)
+    weight = guesses[:, PROBES :].clamp(min=1)
+    values = ((guesses[:, :PROBES] // weight).clamp(1, INF_BITS - 1) // quantum * quantum).tolist()
     for u, bracket in brackets.items():
-        weight = max(guesses[u][PROBES], 1)
-        values = {(min(max(guesses[u][j] // weight, 1), INF_BITS - 1) // quantum) * quantum for j in range(PROBES)}
-        bracket.probes = (sorted(values) + [INF_BITS] * PROBES)[:PROBES]
+        bracket.probes = (sorted(set(values[u])) + [INF_BITS] * PROBES)[:PROBES]
 
 
 def _guess_from_runs(big, brackets, flat: Pieces, quantum, reduce) -> None:

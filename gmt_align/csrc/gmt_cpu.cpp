@@ -1,5 +1,6 @@
-// GMT's two full passes over an fp32 gradient on the CPU, each one pass over memory
-// (see gmt_align/kernels.py, which builds this file with torch.utils.cpp_extension).
+// GMT's passes over fp32 gradients on the CPU, each one pass over memory and one call for every piece
+// of every unit (see gmt_align/batch_kernels.py and kernels.py, which builds this file with
+// torch.utils.cpp_extension).
 //
 // The score of an entry is the int32 bit pattern of |g| (sign bit cleared), which orders exactly like
 // the value, NaN above +inf. Work is split with at::parallel_for (torch's own thread pool).
@@ -74,10 +75,11 @@ inline T mix32(T x) {
 }
 
 // The random score of position q as the bit pattern of a float32 in [0, 1) with 24 random bits:
-// h = mix32(mix32(lo(q) ^ k1) ^ k2 ^ hi(q) * golden), score = (h >> 8) / 2^24.
+// h = mix32(lo(q) * (k2 | 1) + (k1 ^ hi(q) * golden)), score = (h >> 8) / 2^24: a Weyl sequence through
+// a mixer (as splitmix), the step and tensor choosing both its start and its increment.
 inline int32_t random_bits(uint32_t k1, uint32_t k2, int64_t q) {
   const uint32_t lo = static_cast<uint32_t>(q), hi = static_cast<uint32_t>(static_cast<uint64_t>(q) >> 32);
-  const uint32_t h = mix32<uint32_t>(mix32<uint32_t>(lo ^ k1) ^ k2 ^ (hi * 0x9E3779B9u));
+  const uint32_t h = mix32<uint32_t>(lo * (k2 | 1u) + (k1 ^ (hi * 0x9E3779B9u)));
   const float f = static_cast<float>(h >> 8) * 0x1p-24f;
   int32_t b;
   std::memcpy(&b, &f, sizeof(b));
@@ -86,11 +88,16 @@ inline int32_t random_bits(uint32_t k1, uint32_t k2, int64_t q) {
 
 inline vint random_bits_vec(uint32_t k1, uint32_t k2, int64_t q) {
   const uint32_t lo0 = static_cast<uint32_t>(q), hi0 = static_cast<uint32_t>(static_cast<uint64_t>(q) >> 32);
-  vuint lane;
-  for (int64_t l = 0; l < LANES; ++l) lane[l] = static_cast<uint32_t>(l);
+  const vuint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const vuint lo = lane + lo0;
-  const vuint hi = (vuint{} + hi0) - (vuint)(lo < lo0);  // carry into the high word
-  const vuint h = mix32<vuint>(mix32<vuint>(lo ^ k1) ^ k2 ^ (hi * 0x9E3779B9u));
+  vuint start;
+  if (__builtin_expect(lo0 <= 0xFFFFFFFFu - (LANES - 1), 1)) {  // no lane carries into the high word
+    start = vuint{} + (k1 ^ (hi0 * 0x9E3779B9u));
+  } else {
+    const vuint hi = (vuint{} + hi0) - (vuint)(lo < lo0);
+    start = k1 ^ (hi * 0x9E3779B9u);
+  }
+  const vuint h = mix32<vuint>(lo * (k2 | 1u) + start);
   const vfloat f = __builtin_convertvector((vint)(h >> 8), vfloat) * 0x1p-24f;
   vint b;
   std::memcpy(&b, &f, sizeof(b));
@@ -161,8 +168,9 @@ struct Items {
 // The entries in [A, B) are packed into a small buffer, and only they are compared with every probe:
 // the probes sit close around the threshold, so the pass costs about what reading the gradient costs
 // however many probes there are. Returns false (nothing counted) for probes this does not cover.
-template <int P>
-bool count_item_packed(const float* row, int64_t start, int64_t stop, const int32_t* probe, int64_t* mine) {
+template <int P, bool RANDOM>
+bool count_item_packed(const Piece& piece, const float* row, int64_t q0, int64_t start, int64_t stop,
+                       const int32_t* probe, int64_t* mine) {
   int32_t A = INT32_MAX, B = INT32_MIN, C = INT32_MAX;
   for (int j = 0; j < P; ++j) {
     A = std::min(A, probe[j]);
@@ -181,7 +189,9 @@ bool count_item_packed(const float* row, int64_t start, int64_t stop, const int3
   __m512i at_b = _mm512_setzero_si512(), at_c = _mm512_setzero_si512();
   int64_t i = start;
   for (; i + LANES <= stop; i += LANES) {
-    const __m512i b = _mm512_and_si512(_mm512_loadu_si512(row + i), abs512);
+    __m512i b;
+    if constexpr (RANDOM) b = (__m512i)score_vec<true>(piece, row + i, q0 + i);
+    else b = _mm512_and_si512(_mm512_loadu_si512(row + i), abs512);
     const __mmask16 ka = _mm512_cmpge_epi32_mask(b, a512), kb = _mm512_cmpge_epi32_mask(b, b512);
     at_b = _mm512_mask_sub_epi32(at_b, kb, at_b, minus1);
     at_c = _mm512_mask_sub_epi32(at_c, _mm512_cmpge_epi32_mask(b, c512), at_c, minus1);
@@ -204,7 +214,7 @@ bool count_item_packed(const float* row, int64_t start, int64_t stop, const int3
       for (int64_t l = 0; l < LANES; ++l) c += acc[j][l];
       for (int64_t t = k; t < packed; ++t) c += buffer[t] >= probe[j];
     }
-    for (int64_t t = i; t < stop; ++t) c += bits_of(row[t]) >= probe[j];
+    for (int64_t t = i; t < stop; ++t) c += score_one<RANDOM>(piece, row + t, q0 + t) >= probe[j];
     mine[j] += c;
   }
   return true;
@@ -236,9 +246,7 @@ void count_pieces(const std::vector<Piece>& ps, const int32_t* probes, int64_t* 
       const float* row = p.data + r * p.stride;
       const int64_t q0 = p.offset + r * p.stride;
 #ifdef __AVX512F__
-      if constexpr (!RANDOM) {
-        if (count_item_packed<P>(row, start, stop, probe, mine + k * P)) continue;
-      }
+      if (count_item_packed<P, RANDOM>(p, row, q0, start, stop, probe, mine + k * P)) continue;
 #endif
       vint acc[P];
       for (int j = 0; j < P; ++j) acc[j] = vint{};
@@ -287,20 +295,24 @@ void mask_pieces(const std::vector<Piece>& ps, const int64_t* lo, const int64_t*
       auto& mv = val[item];
       int64_t i = start;
 #ifdef __AVX512F__
-      if constexpr (!RANDOM) {  // the comparisons give bit masks: the candidates' lanes are read off them
+      {  // the comparisons give bit masks: the candidates' lanes are read off them
         const __m512i lo512 = _mm512_set1_epi32(lo32), hi512 = _mm512_set1_epi32(hi32);
         const __m512i abs512 = _mm512_set1_epi32(ABS);
+        alignas(64) int32_t lanes[LANES];
         for (; i + LANES <= stop; i += LANES) {
           const __m512i raw = _mm512_loadu_si512(data + i);
-          const __m512i b = _mm512_and_si512(raw, abs512);
+          __m512i b;
+          if constexpr (RANDOM) b = (__m512i)score_vec<true>(p, data + i, p.offset + i);
+          else b = _mm512_and_si512(raw, abs512);
           const __mmask16 keep = _mm512_cmpge_epi32_mask(b, lo512);
           _mm512_storeu_si512(data + i, _mm512_maskz_mov_epi32(keep, raw));
           unsigned inside = _mm512_mask_cmplt_epi32_mask(keep, b, hi512);
+          if (inside) _mm512_store_si512(lanes, b);
           while (inside) {
             const int l = __builtin_ctz(inside);
             inside &= inside - 1;
             mp.push_back(i + l);
-            mv.push_back(bits_of(data[i + l]));
+            mv.push_back(lanes[l]);
           }
         }
       }
