@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/mask_overhead.py [--sizes 33750000 135000000] [--shapes smollm2]
                                                  [--repeats 7] [--ratio 0.2] [--device cpu] [--processes 1]
+                                                 [--clock wall]
 
 For each gradient (flat fp32 vectors of the given sizes — 33.75M is one partition of
 SmolLM2-135M over 4 ranks — and SmolLM2-135M's 272 real tensor shapes) it times, as the median
@@ -17,7 +18,9 @@ of ``--repeats`` interleaved runs after one warm-up (which also compiles the ker
 Peak extra memory of (b) and (c) is what the torch allocator hands out during one call (from the
 profiler's allocation events); in ``update`` mode, also what the engine keeps from step to step
 (measured on the first call of a fresh engine, which allocates it); relative to the gradient's bytes.
-Every ratio is also taken run by run (each method's run of one repeat against AdamW's run of the same
+``--clock cpu`` times the CPU time of the process instead of the wall time: with
+``OMP_NUM_THREADS=1``, the work each method does, which other jobs on a shared machine disturb much
+less than they disturb wall time (they still share the memory bandwidth). Every ratio is also taken run by run (each method's run of one repeat against AdamW's run of the same
 repeat: interleaved, so load on a shared machine hits both alike) and printed with its spread. The
 last line is
 
@@ -156,6 +159,7 @@ def adamw_runner(case: Case, **kind):
 
 
 def measure(case: Case, args) -> dict[str, dict]:
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     makers = {
         "adamw fused": (lambda: adamw_runner(case, fused=True), False),
         "adamw foreach": (lambda: adamw_runner(case, foreach=True), False),
@@ -181,10 +185,10 @@ def measure(case: Case, args) -> dict[str, dict]:
         for name, (run, masks) in runners.items():
             case.reset()
             sync(args.device)
-            start = time.perf_counter()
+            start = clock()
             run()
             sync(args.device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     results = {}
     for name, (run, masks) in runners.items():
         case.reset()
@@ -211,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--naive_max", type=int, default=200_000_000, help="skip the naive reference above this size")
     parser.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes; medians")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the CPU time of the process (with OMP_NUM_THREADS=1: the work "
+                             "done, whatever else shares the machine)")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -231,8 +238,10 @@ def main(argv=None) -> int:
         kind = f"C++ ({torch.backends.cpu.get_cpu_capability()})"
     else:
         kind = "torch.compile"
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu times CPU work: only with --device cpu")
     print(f"# {device}; torch {torch.__version__}; kernels {kind}; "
-          f"mask ratio {args.ratio}; median of {args.repeats}")
+          f"mask ratio {args.ratio}; median of {args.repeats}; {args.clock} clock")
     cases = [Case(f"flat {n / 1e6:g}M", [(f"flat{n}", (n,))], args.device) for n in args.sizes]
     if args.shapes == "smollm2":
         cases.append(Case("SmolLM2-135M shapes", smollm2_shapes(), args.device))

@@ -27,6 +27,7 @@ over position-keyed random scores (``random_keys``), which the kernels compute w
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -152,7 +153,11 @@ def _held(unit_parts: list[torch.Tensor]) -> int:
 
 # --- 1. guess ----------------------------------------------------------------------------------------
 def guess(brackets: dict[int, Bracket], flat: Pieces, quantum: int, reduce: Reduce) -> None:
-    """Set each bracket's first probes: from samples, then (units of 8 Mi entries or more) from runs."""
+    """Set each bracket's first probes: from samples, then (units of 8 Mi entries or more) from runs.
+    Random scores are uniform: their quantiles are known, nothing is read (the same on every rank)."""
+    if flat.keys is not None:
+        _guess_uniform(brackets)
+        return
     _guess_from_samples(brackets, flat, quantum, reduce)
     big = [u for u, bracket in brackets.items() if bracket.size >= 8 * RUN * RUNS]
     if big:
@@ -201,6 +206,21 @@ def _guess_from_samples(brackets, flat: Pieces, quantum, reduce) -> None:
     values = ((guesses[:, :PROBES] // weight).clamp(1, INF_BITS - 1) // quantum * quantum).tolist()
     for u, bracket in brackets.items():
         bracket.probes = (sorted(set(values[u])) + [INF_BITS] * PROBES)[:PROBES]
+
+
+def _guess_uniform(brackets: dict[int, Bracket]) -> None:
+    """Probes around the keep-th largest of n uniform [0, 1) scores: 1 - keep/n, give or take its
+    standard deviation sqrt(q (1 - q) / n) (q = keep/n) times each of _SPOTS."""
+    for bracket in brackets.values():
+        q = bracket.keep / bracket.size
+        sigma = (q * (1 - q) / bracket.size) ** 0.5
+        values = {min(max(_float_bits(1 - q + c * sigma), 1), INF_BITS - 1) for c in _SPOTS}
+        bracket.probes = (sorted(values) + [INF_BITS] * PROBES)[:PROBES]
+
+
+def _float_bits(value: float) -> int:
+    """The bit pattern of ``value`` as a non-negative float32 (0 for negative values)."""
+    return struct.unpack("<i", struct.pack("<f", max(value, 0.0)))[0]
 
 
 def _guess_from_runs(big, brackets, flat: Pieces, quantum, reduce) -> None:

@@ -433,8 +433,15 @@ torch::Tensor sample_picks(std::vector<torch::Tensor> xs, torch::Tensor keys, to
       sample.clear();
       for (int64_t k = first[r]; k < first[r + 1]; ++k) {
         const Piece& p = ps[k];
-        for (int64_t i = sp[k]; i < p.cols; i += tp[k])
-          sample.push_back(random ? random_bits(p.k1, p.k2, p.offset + i) : bits_of(p.data[i]));
+        if (random) {
+          for (int64_t i = sp[k]; i < p.cols; i += tp[k]) sample.push_back(random_bits(p.k1, p.k2, p.offset + i));
+        } else {  // one cache line per entry: fetch a few strides ahead
+          const int64_t ahead = 16 * tp[k];
+          for (int64_t i = sp[k]; i < p.cols; i += tp[k]) {
+            if (i + ahead < p.cols) __builtin_prefetch(p.data + i + ahead);
+            sample.push_back(bits_of(p.data[i]));
+          }
+        }
       }
       if (sample.empty()) continue;
       // the picks lie close together: place the first and the last, then sort what lies between
