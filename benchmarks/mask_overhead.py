@@ -20,9 +20,9 @@ profiler's allocation events); in ``update`` mode, also what the engine keeps fr
 (measured on the first call of a fresh engine, which allocates it); relative to the gradient's bytes.
 ``--clock cpu`` times the CPU time of the process instead of the wall time: with
 ``OMP_NUM_THREADS=1``, the work each method does, which other jobs on a shared machine disturb much
-less than they disturb wall time (they still share the memory bandwidth). Every ratio is also taken run by run (each method's run of one repeat against AdamW's run of the same
-repeat: interleaved, so load on a shared machine hits both alike) and printed with its spread. The
-last line is
+less than they disturb wall time (they still share the memory bandwidth). Every ratio is also taken
+run by run (each method's run of one repeat against AdamW's run of the same repeat: interleaved,
+so load on a shared machine hits both alike) and printed with its spread. The last line is
 
     mask_vs_adamw=<r> naive_vs_mask=<r> extra_mem_frac=<f> tensor_shapes_vs_adamw=<r> update_vs_adamw=<r>
     update_mem_frac=<f> random_vs_magnitude=<r>

@@ -278,8 +278,9 @@ def count(brackets: dict[int, Bracket], flat: Pieces, quantum: int, reduce: Redu
         table, local_counts = _count_round(pending, brackets, flat, reduce, subsample=False)
         if round_index == 0:
             raise_on_non_finite(table[:, PROBES], names)
+        counts = table[:, :PROBES].tolist()
         for u in pending:
-            brackets[u].narrow(table[u, :PROBES].tolist(), local_counts[u], quantum)
+            brackets[u].narrow(counts[u], local_counts[u], quantum)
         pending = [u for u in pending
                    if brackets[u].inside > max_candidates(brackets[u].size) and not brackets[u].resolved(quantum)]
     else:
