@@ -22,7 +22,8 @@ import torch
 
 from . import kernels
 
-__all__ = ["count_many", "kth_largest_many", "mask_many", "random_bits", "sample_picks", "zero_below_many"]
+__all__ = ["count_many", "kth_largest_many", "mask_many", "random_bits", "random_range", "sample_picks",
+           "zero_below_many"]
 
 _WORD = 0xFFFFFFFF
 
