@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/mask_overhead.py [--sizes 33750000 135000000] [--shapes smollm2]
                                                  [--repeats 7] [--ratio 0.2] [--device cpu] [--processes 1]
+                                                 [--clock wall]
 
 For each gradient (flat fp32 vectors of the given sizes — 33.75M is one partition of
 SmolLM2-135M over 4 ranks — and SmolLM2-135M's 272 real tensor shapes) it times, as the median
@@ -12,14 +13,24 @@ of ``--repeats`` interleaved runs after one warm-up (which also compiles the ker
   weights and ``restore``), for ``tensor`` and ``global`` granularity, ``gradient`` and ``update`` mode;
 - (c) the naive reference: ``torch.kthvalue(|g|)`` per unit, then ``masked_fill_``.
 
+- (d) ``random`` selection (tensor granularity, gradient mode) through the same engine.
+
 Peak extra memory of (b) and (c) is what the torch allocator hands out during one call (from the
-profiler's allocation events), plus, in ``update`` mode, the copy of the weights the engine keeps
-from step to step; relative to the gradient's bytes. The last line is
+profiler's allocation events); in ``update`` mode, also what the engine keeps from step to step
+(measured on the first call of a fresh engine, which allocates it); relative to the gradient's bytes.
+``--clock cpu`` times the CPU time of the process instead of the wall time: with
+``OMP_NUM_THREADS=1``, the work each method does, which other jobs on a shared machine disturb much
+less than they disturb wall time (they still share the memory bandwidth). Every ratio is also taken
+run by run (each method's run of one repeat against AdamW's run of the same repeat: interleaved,
+so load on a shared machine hits both alike) and printed with its spread. The last line is
 
-    mask_vs_adamw=<ratio> naive_vs_mask=<ratio> extra_mem_frac=<fraction>
+    mask_vs_adamw=<r> naive_vs_mask=<r> extra_mem_frac=<f> tensor_shapes_vs_adamw=<r> update_vs_adamw=<r>
+    update_mem_frac=<f> random_vs_magnitude=<r>
 
-for the first size: (b) tensor granularity, gradient mode, against the fused AdamW step and
-against (c); extra_mem_frac of that same (b).
+mask_vs_adamw, naive_vs_mask, extra_mem_frac, update_vs_adamw and update_mem_frac for the first
+size (GMT tensor granularity against the fused AdamW step; the naive reference against GMT; update
+mode through the engine's update-mode path); tensor_shapes_vs_adamw and random_vs_magnitude on
+SmolLM2's shapes (tensor granularity, gradient mode). Ratios are medians of the per-repeat ratios.
 
 The fused AdamW step runs at one of two speeds from one process to the next on our 2-core machine
 (9 or 14 ms on 33.75M entries; steady within a process). ``--processes N`` runs the whole
@@ -113,9 +124,9 @@ def peak_extra_bytes(fn, device: str) -> int:
     return peak
 
 
-def gmt_runner(case: Case, granularity: str, mode: str, ratio: float):
+def gmt_runner(case: Case, granularity: str, mode: str, ratio: float, selection: str = "magnitude"):
     infos = [TensorInfo((name,), p.numel()) for name, p in zip(case.names, case.params)]
-    engine = MaskEngine(MaskOptions(mask_ratio=ratio, granularity=granularity, mode=mode), infos)
+    engine = MaskEngine(MaskOptions(mask_ratio=ratio, granularity=granularity, mode=mode, selection=selection), infos)
     fragments = [Fragment(i, 0, p.grad.view(-1), p.data.view(-1)) for i, p in enumerate(case.params)]
     step = [0]
 
@@ -125,7 +136,6 @@ def gmt_runner(case: Case, granularity: str, mode: str, ratio: float):
         if mode == "update":  # the optimizer step would run here
             engine.restore(fragments)
 
-    run.held = lambda: sum(b.numel() * b.element_size() for b in engine._saved_buffers.values())
     return run
 
 
@@ -149,15 +159,24 @@ def adamw_runner(case: Case, **kind):
 
 
 def measure(case: Case, args) -> dict[str, dict]:
-    runners = {
-        "adamw fused": (adamw_runner(case, fused=True), False),
-        "adamw foreach": (adamw_runner(case, foreach=True), False),
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    makers = {
+        "adamw fused": (lambda: adamw_runner(case, fused=True), False),
+        "adamw foreach": (lambda: adamw_runner(case, foreach=True), False),
     }
     for granularity in ("tensor", "global"):
         for mode in ("gradient", "update"):
-            runners[f"gmt {granularity} {mode}"] = (gmt_runner(case, granularity, mode, args.ratio), True)
+            makers[f"gmt {granularity} {mode}"] = (
+                lambda g=granularity, m=mode: gmt_runner(case, g, m, args.ratio), True)
+    makers["gmt tensor random"] = (lambda: gmt_runner(case, "tensor", "gradient", args.ratio, "random"), True)
     if case.numel <= args.naive_max:
-        runners["naive kthvalue+mask"] = (naive_runner(case, args.ratio), True)
+        makers["naive kthvalue+mask"] = (lambda: naive_runner(case, args.ratio), True)
+    first_call = {}  # update mode keeps memory from step to step: seen on a fresh engine's first call
+    for name, (make, masks) in makers.items():
+        if masks and " update" in name:
+            case.reset()
+            first_call[name] = peak_extra_bytes(make(), args.device)
+    runners = {name: (make(), masks) for name, (make, masks) in makers.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for name, (run, masks) in runners.items():  # warm-up: compiles kernels, creates optimizer state
         case.reset()
@@ -166,17 +185,25 @@ def measure(case: Case, args) -> dict[str, dict]:
         for name, (run, masks) in runners.items():
             case.reset()
             sync(args.device)
-            start = time.perf_counter()
+            start = clock()
             run()
             sync(args.device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     results = {}
     for name, (run, masks) in runners.items():
         case.reset()
-        # update mode also holds a copy of the weights from step to step (allocated at the warm-up)
-        extra = peak_extra_bytes(run, args.device) + getattr(run, "held", lambda: 0)() if masks else None
-        results[name] = {"s": statistics.median(times[name]), "extra": extra}
+        extra = max(peak_extra_bytes(run, args.device), first_call.get(name, 0)) if masks else None
+        results[name] = {"s": statistics.median(times[name]), "extra": extra, "times": times[name]}
     return results
+
+
+def ratios(results: dict[str, dict], name: str, against: str) -> list[float]:
+    """Run by run: each repeat's time of ``name`` over the same repeat's time of ``against``."""
+    return [a / b for a, b in zip(results[name]["times"], results[against]["times"])]
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
 def main(argv=None) -> int:
@@ -188,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--naive_max", type=int, default=200_000_000, help="skip the naive reference above this size")
     parser.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes; medians")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the CPU time of the process (with OMP_NUM_THREADS=1: the work "
+                             "done, whatever else shares the machine)")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -208,45 +238,72 @@ def main(argv=None) -> int:
         kind = f"C++ ({torch.backends.cpu.get_cpu_capability()})"
     else:
         kind = "torch.compile"
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu times CPU work: only with --device cpu")
     print(f"# {device}; torch {torch.__version__}; kernels {kind}; "
-          f"mask ratio {args.ratio}; median of {args.repeats}")
+          f"mask ratio {args.ratio}; median of {args.repeats}; {args.clock} clock")
     cases = [Case(f"flat {n / 1e6:g}M", [(f"flat{n}", (n,))], args.device) for n in args.sizes]
     if args.shapes == "smollm2":
         cases.append(Case("SmolLM2-135M shapes", smollm2_shapes(), args.device))
-    print(f"{'gradient':<22} {'method':<22} {'time (s)':>10} {'x fused AdamW':>14} {'extra mem':>10}")
-    headline = None
-    for case in cases:
+    print(f"{'gradient':<22} {'method':<22} {'time (s)':>10} {'x fused AdamW':>14} {'per-repeat ratio [spread]':>26} "
+          f"{'extra mem':>10}")
+    line: dict[str, float] = {}
+    for index, case in enumerate(cases):
         results = measure(case, args)
         adamw = results["adamw fused"]["s"]
         for name, r in results.items():
             extra = "" if r["extra"] is None else f"{r['extra'] / case.grad_bytes:.3f}"
-            print(f"{case.label:<22} {name:<22} {r['s']:>10.4f} {r['s'] / adamw:>14.2f} {extra:>10}")
-        if headline is None and "naive kthvalue+mask" in results:
+            print(f"{case.label:<22} {name:<22} {r['s']:>10.4f} {r['s'] / adamw:>14.2f} "
+                  f"{spread(ratios(results, name, 'adamw fused')):>26} {extra:>10}")
+        vs_adamw = lambda name: statistics.median(ratios(results, name, "adamw fused"))  # noqa: E731
+        if index == 0 and "naive kthvalue+mask" in results:
             mask = results["gmt tensor gradient"]
-            headline = (mask["s"] / adamw, results["naive kthvalue+mask"]["s"] / mask["s"], mask["extra"] / case.grad_bytes)
+            line.update(mask_vs_adamw=vs_adamw("gmt tensor gradient"),
+                        naive_vs_mask=statistics.median(ratios(results, "naive kthvalue+mask", "gmt tensor gradient")),
+                        extra_mem_frac=mask["extra"] / case.grad_bytes,
+                        update_vs_adamw=vs_adamw("gmt tensor update"),
+                        update_mem_frac=results["gmt tensor update"]["extra"] / case.grad_bytes)
+        if case.label.startswith("SmolLM2"):
+            random_vs = ratios(results, "gmt tensor random", "gmt tensor gradient")
+            print(f"{case.label:<22} random / magnitude     {spread(random_vs):>26}")
+            line.update(tensor_shapes_vs_adamw=vs_adamw("gmt tensor gradient"),
+                        random_vs_magnitude=statistics.median(random_vs))
         del case
-    if headline:
-        print(f"mask_vs_adamw={headline[0]:.3f} naive_vs_mask={headline[1]:.1f} extra_mem_frac={headline[2]:.4f}")
+    if line:
+        print(final_line(line))
     return 0
+
+
+FIELDS = ("mask_vs_adamw", "naive_vs_mask", "extra_mem_frac", "tensor_shapes_vs_adamw", "update_vs_adamw",
+          "update_mem_frac", "random_vs_magnitude")
+_DIGITS = {"naive_vs_mask": 1, "extra_mem_frac": 4, "update_mem_frac": 4}
+
+
+def final_line(values: dict[str, float]) -> str:
+    """The last line: every field measured (those of a case not run are left out)."""
+    return " ".join(f"{key}={values[key]:.{_DIGITS.get(key, 3)}f}" for key in FIELDS if key in values)
 
 
 def over_processes(args, argv: list[str]) -> int:
     """Run the measurement in ``args.processes`` fresh processes; the final line holds the medians."""
     i = argv.index("--processes") if "--processes" in argv else None
     rest = argv[:i] + argv[i + 2 :] if i is not None else [a for a in argv if not a.startswith("--processes=")]
-    found = []
+    found: list[dict[str, float]] = []
     for k in range(args.processes):
         out = subprocess.run([sys.executable, __file__, *rest], check=True, capture_output=True, text=True).stdout
         print(f"## process {k + 1} of {args.processes}\n{out}", end="", flush=True)
-        line = re.search(r"^mask_vs_adamw=(\S+) naive_vs_mask=(\S+) extra_mem_frac=(\S+)$", out, re.M)
-        if line:
-            found.append([float(v) for v in line.groups()])
+        last = out.strip().splitlines()[-1] if out.strip() else ""
+        values = dict(re.findall(r"(\w+)=(\S+)", last))
+        if values and all(key in FIELDS for key in values):
+            found.append({key: float(value) for key, value in values.items()})
     if not found:
         return 1
-    ratios = ", ".join(f"{row[0]:.3f}" for row in found)
-    print(f"## mask_vs_adamw per process: {ratios}")
-    medians = [statistics.median(column) for column in zip(*found)]
-    print(f"mask_vs_adamw={medians[0]:.3f} naive_vs_mask={medians[1]:.1f} extra_mem_frac={medians[2]:.4f}")
+    for key in FIELDS:
+        per = [row[key] for row in found if key in row]
+        if per:
+            print(f"## {key} per process: {', '.join(f'{v:.3f}' for v in per)}")
+    print(final_line({key: statistics.median(row[key] for row in found if key in row)
+                      for key in FIELDS if any(key in row for row in found)}))
     return 0
 
 

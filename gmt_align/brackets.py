@@ -1,10 +1,10 @@
-"""Where magnitude selection probes: samples, runs, and the bracket ``[lo, hi)`` of each threshold.
+"""Where selection probes: samples, runs, and the bracket ``[lo, hi)`` of each threshold.
 
 :func:`gmt_align.selection.select_and_mask` narrows, per unit, a bracket around its threshold T
 (the ``keep``-th largest bit pattern of |g|) from exact counts of the entries at or above a few
 probe values. This module holds the bracket (:class:`Bracket`) and the ways to choose probes:
 
-- a strided sample of the unit (:func:`sample_bits`; :func:`sample_size` entries per process);
+- a strided sample of the unit (:func:`sample_stride`; :func:`sample_size` entries per process);
 - evenly spaced runs of contiguous entries of a big piece (:func:`runs_of`);
 - probes spread around the best guess (:func:`spread`), some of them fixed so that every exact
   round shrinks the bracket at least threefold whatever the data.
@@ -12,26 +12,29 @@ probe values. This module holds the bracket (:class:`Bracket`) and the ways to c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from .radix import INF_BITS
 
-__all__ = ["PROBES", "RUN", "RUNS", "Bracket", "max_candidates", "runs_of", "sample_bits", "sample_size",
+__all__ = ["PROBES", "RUN", "RUNS", "Bracket", "max_candidates", "runs_of", "sample_size", "sample_stride",
            "spread"]
 
-SAMPLE = 8192
+SAMPLE = 4096
 """Entries per unit (per process) in the strided sample that gives the first probes."""
 
 RUN, RUNS = 512, 2048
 """The second guess counts ``RUNS`` evenly spaced runs of ``RUN`` contiguous entries of each piece
 (1 Mi entries: a cheap read, and runs cover many rows of a matrix)."""
 
-PROBES = 8
-"""Probe values counted per unit and exact round (one count pass counts them all)."""
+PROBES = 15
+"""Probe values counted per unit and exact round (one count pass counts them all, with +inf: the C++
+kernels' 16). The pass compares each entry with the lowest and highest probe only, and the few
+entries between them with every probe, so more probes cost little and narrow the bracket more."""
 
-_AROUND = (-0.1, 0.1, -0.35, 0.35, -1.0, 1.0, -2.5, 2.5)
+_AROUND = (-0.1, 0.1, -0.25, 0.25, -0.45, 0.45, -0.75, 0.75, -1.3, 1.3, -2.5, 2.5)
 """Probe offsets around the best guess, in units of its expected error (the nearest first)."""
 
 
@@ -46,6 +49,7 @@ def sample_size(size: int) -> int:
     return min(SAMPLE, max(512, (size // 8192) ** 2))
 
 
+@functools.lru_cache(maxsize=4096)
 def _prime_at_least(value: int) -> int:
     value = max(2, value)
     while any(value % d == 0 for d in range(2, int(value**0.5) + 1)):
@@ -53,17 +57,11 @@ def _prime_at_least(value: int) -> int:
     return value
 
 
-def sample_bits(parts: Sequence[torch.Tensor], numel: int, wanted: int) -> torch.Tensor:
-    """Bit patterns (int32, unsorted) of about ``wanted`` entries taken with a prime stride."""
-    if numel == 0:
-        return torch.zeros(0, dtype=torch.int32)
-    stride = 1 if numel <= wanted else _prime_at_least(numel // wanted)
-    picked, start = [], 0  # position of the next sampled entry inside the unit's local entries
-    for part in parts:
-        if start < part.numel():
-            picked.append(part[start::stride].float().abs().view(torch.int32).cpu())
-        start = (start - part.numel()) % stride if part.numel() else start
-    return torch.cat(picked) if len(picked) > 1 else picked[0] if picked else torch.zeros(0, dtype=torch.int32)
+def sample_stride(local: int, wanted: int) -> int:
+    """The stride of a unit's sample: 1, or a prime (so it does not follow a matrix's rows) that picks
+    about ``wanted`` of the ``local`` entries this process holds. The sample continues from piece to
+    piece: :func:`gmt_align.batch_kernels.sample_picks` takes its picks."""
+    return 1 if local <= wanted else _prime_at_least(local // wanted)
 
 
 def runs_of(part: torch.Tensor) -> torch.Tensor | None:
@@ -116,16 +114,19 @@ class Bracket:
     def narrow(self, counts: list[int], local: list[list[int]] | None, quantum: int,
                scale: float = 1.0, sigma: float | None = None, guarantee: bool = True) -> None:
         """Move the bracket to the probes around the keep-th entry; aim the next probes inside."""
+        at_lo = at_hi = None  # the probes that became lo and hi
         for j, (value, count) in enumerate(zip(self.probes, counts)):
             if value >= INF_BITS:
                 break
             count = int(count * scale)
             if count >= self.keep and value > self.lo:
-                self.lo, self.c_lo = value, count
-                self.local_lo = [row[j] for row in local] if local else self.local_lo
+                self.lo, self.c_lo, at_lo = value, count, j
             elif count < self.keep and value < self.hi:
-                self.hi, self.c_hi = value, count
-                self.local_hi = [row[j] for row in local] if local else self.local_hi
+                self.hi, self.c_hi, at_hi = value, count, j
+        if local and at_lo is not None:
+            self.local_lo = [row[at_lo] for row in local]
+        if local and at_hi is not None:
+            self.local_hi = [row[at_hi] for row in local]
         slope = (self.hi - self.lo) / max(self.inside, 1)
         sigma = sigma if sigma is not None else max(2 * max(self.inside, 1) ** 0.5, self.inside / 16)
         center = self.lo + (self.c_lo - self.keep + 0.5) * slope

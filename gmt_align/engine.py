@@ -176,9 +176,9 @@ class MaskEngine:
                 observer(masking, self.step)
         thresholds, kept = self.rule.select_and_mask(by_row, keep, [self.sizes[u] for u in units], self.reduce,
                                                      names, self.step)
-        for group, counts in zip(by_row, kept):
-            for fragment, count in zip(group, counts):
-                self.kept_counts[fragment.tensor_id] += count
+        ids = [fragment.tensor_id for group in by_row for fragment in group]
+        if ids:  # one add for all fragments (a model has hundreds)
+            self.kept_counts.index_add_(0, torch.tensor(ids), torch.tensor([c for counts in kept for c in counts]))
         self.thresholds[units] = thresholds
         masked_now = [f for group in by_row for f in group]
         if self.record_masks:

@@ -12,12 +12,15 @@ of ``|g|`` as float32, which orders exactly like the value.
 
 Three implementations give the same results:
 
-- **C++** (``gmt_align/csrc/gmt_cpu.cpp``) for fp32 gradients on the CPU: one pass each, vectorised
+- **C++** (``gmt_align/csrc/gmt_cpu.cpp``) for fp32 gradients on the CPU, where selection calls them
+  once per pass for all its pieces (:mod:`gmt_align.batch_kernels`; the functions here are the
+  one-piece case): one pass each, vectorised
   with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
   with torch's own pool. It is compiled once with ``torch.utils.cpp_extension`` (about 25 s) into
   ``TORCH_EXTENSIONS_DIR``, under a name that holds the instruction set (``GMT_ALIGN_CPU_CAPABILITY``
   = ``AVX2`` or ``DEFAULT`` builds for less, e.g. for nodes of mixed CPUs). ``GMT_ALIGN_CPP=0`` skips it.
-- **torch.compile** (Inductor; Triton on GPUs) for everything else. Inductor's CPU code for the
+- **torch.compile** (Inductor; Triton on GPUs) for everything else, called piece by piece by
+  :mod:`gmt_align.batch_kernels` (each call a few fused launches). Inductor's CPU code for the
   masking pass reads the gradient twice (once for the block marks, once to mask), which is why the
   CPU has its own kernels. The candidates are then gathered from the marked 64-entry blocks.
 - **eager** torch ops, the fallback of both where a compiler is missing or fails, and what
@@ -178,18 +181,21 @@ def _cpp_for(x: torch.Tensor):
     return cpp_kernels()
 
 
-def count_at_least(x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """int64 ``[P]``: entries of ``x`` whose |x| bit pattern is ``>= probes[j]`` (int32 ``[P]``)."""
+def count_at_least(x: torch.Tensor, probes: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+    """int64 ``[P]``: entries of ``x`` whose |x| bit pattern is ``>= probes[j]`` (int32 ``[P]``).
+    With ``on_device``, left on x's device (no wait for the kernel: callers gather many first)."""
     cpp = _cpp_for(x)
     if cpp is not None and probes.numel() <= 16 and (
             (x.dim() == 1 and x.is_contiguous()) or (x.dim() == 2 and x.stride(1) == 1)):
-        return cpp.count_at_least(x, probes.to(torch.int32).contiguous())
+        none = torch.zeros(0, dtype=torch.int64)
+        return cpp.count_many([x], none, none, probes.to(torch.int32).reshape(1, -1).contiguous())[0]
     if x.dim() > 1:  # a view of runs (selection's subsample): small
-        return _run("count", x, probes).to(torch.int64).cpu()
-    total = torch.zeros(probes.shape[0], dtype=torch.int64)
-    for start in range(0, x.numel(), _MAX_PIECE):
-        total += _run("count", x[start : start + _MAX_PIECE], probes).to(torch.int64).cpu()
-    return total
+        total = _run("count", x, probes).to(torch.int64)
+    else:
+        total = torch.zeros(probes.shape[0], dtype=torch.int64, device=x.device)
+        for start in range(0, x.numel(), _MAX_PIECE):
+            total += _run("count", x[start : start + _MAX_PIECE], probes).to(torch.int64)
+    return total if on_device else total.cpu()
 
 
 def mask_and_flag(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -218,7 +224,8 @@ def mask_candidates(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, to
     ``[lo, hi)`` (none when ``lo == hi``)."""
     cpp = _cpp_for(x)
     if cpp is not None and x.is_contiguous():
-        positions, bits = cpp.mask_candidates(x, lo, hi)
+        none = torch.zeros(0, dtype=torch.int64)
+        positions, bits, _ = cpp.mask_many([x], none, none, torch.tensor([lo]), torch.tensor([hi]))
         return positions, bits
     marks = mask_and_flag(x, lo, hi)
     if lo >= hi:

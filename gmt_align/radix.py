@@ -7,8 +7,8 @@ on one process, an all-reduce(SUM) across ranks), so every process picks the sam
 value a sort of everything would give, without sorting, without copying, in memory bounded by one
 chunk (torch.quantile refuses more than 2^24 entries and interpolates; kthvalue sorts).
 
-- :func:`select_thresholds` — over any scores given chunk by chunk (``random`` selection, and the
-  reference for tests): 4 rounds (8, 8, 8 then 7 bits), one ``[units, 256]`` matrix each.
+- :func:`select_thresholds` — over any scores given chunk by chunk (a simple exact reference, which
+  the tests use): 4 rounds (8, 8, 8 then 7 bits), one ``[units, 256]`` matrix each.
 - :func:`radix_within` — over the few candidates left inside each unit's bracket by
   :func:`gmt_align.selection.select_and_mask`: digits of 12 bits (``[units, 4096]``) or 8 bits.
 """

@@ -26,11 +26,12 @@ from typing import Protocol
 
 import torch
 
+from .batch_kernels import random_range
 from .kernels import restore_masked
-from .radix import Reduce, select_thresholds
+from .radix import Reduce
 from .selection import select_and_mask
 
-__all__ = ["RANDOM_BLOCK", "MagnitudeRule", "RandomRule", "SelectionRule", "random_chunks", "rule_for"]
+__all__ = ["RANDOM_BLOCK", "MagnitudeRule", "RandomRule", "SelectionRule", "random_chunks", "random_key", "rule_for"]
 
 
 class SelectionRule(Protocol):
@@ -73,34 +74,24 @@ class RandomRule:
     def __init__(self, seed: int):
         self.seed = seed
 
+    def key(self, fragment, step: int) -> int:
+        """The key of the fragment's tensor at this step: its scores are random_bits(key, position)."""
+        return random_key(self.seed, step, fragment.tensor_id)
+
     def scores(self, fragment, step: int) -> Iterator[torch.Tensor]:
         """The fragment's scores, chunk by chunk: the same whichever process holds it."""
-        yield from random_chunks(self.seed, step, fragment.tensor_id, fragment.offset, fragment.grad.numel())
+        yield from random_chunks(self.seed, step, fragment.tensor_id, fragment.offset, fragment.grad.numel(),
+                                 fragment.grad.device)
 
     def select_and_mask(self, rows, keep, sizes, reduce, names, step):
-        def row_scores(row: int) -> Iterator[torch.Tensor]:
-            for fragment in rows[row]:
-                yield from self.scores(fragment, step)
-
-        thresholds = select_thresholds(len(rows), row_scores, keep, reduce, names)
-        kept = [[self._mask(fragment, threshold, step) for fragment in row]
-                for row, threshold in zip(rows, thresholds.tolist())]
-        return thresholds, kept
-
-    def _mask(self, fragment, threshold: int, step: int) -> int:
-        """Zero the masked entries of one fragment's gradient; returns how many it keeps."""
-        start, kept_total = 0, 0
-        for scores in self.scores(fragment, step):
-            stop = start + scores.numel()
-            kept = scores.view(torch.int32) >= threshold
-            fragment.grad[start:stop].masked_fill_(~kept.to(fragment.grad.device), 0)
-            kept_total += int(kept.sum())
-            start = stop
-        return kept_total
+        # the magnitude machinery over position-keyed scores: counted and masked without storing them
+        grads = [[fragment.grad for fragment in row] for row in rows]
+        keys = [[(self.key(fragment, step), fragment.offset) for fragment in row] for row in rows]
+        return select_and_mask(len(rows), grads.__getitem__, keep, sizes, reduce, names, random_keys=keys.__getitem__)
 
     def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor:
         return torch.cat([c.view(torch.int32) >= threshold for c in self.scores(fragment, step)]
-                         or [torch.zeros(0, dtype=torch.bool)])
+                         or [torch.zeros(0, dtype=torch.bool, device=fragment.grad.device)])
 
     def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None:
         masked = ~self.kept_mask(fragment, threshold, step).to(fragment.weight.device)
@@ -117,24 +108,29 @@ def rule_for(selection: str, seed: int) -> SelectionRule:
 
 
 # --- random scores -------------------------------------------------------------------------------
-RANDOM_BLOCK = 1 << 16
-"""Random scores are drawn in blocks of this many positions, each from its own seed, so the score of
-an element depends only on (seed, step, tensor, position): any sharding sees the same scores."""
+RANDOM_BLOCK = 1 << 20
+""":func:`random_chunks` yields the scores in chunks of this many positions (bounded temporaries)."""
 
 
-def random_chunks(seed: int, step: int, tensor_id: int, offset: int, numel: int) -> Iterable[torch.Tensor]:
-    """Yield uniform [0, 1) float32 scores for positions ``[offset, offset + numel)`` of a tensor."""
-    end = offset + numel
-    generator = torch.Generator()
-    for block in range(offset // RANDOM_BLOCK, -(-end // RANDOM_BLOCK)):
-        generator.manual_seed(_mix(seed, step, tensor_id, block))
-        start = block * RANDOM_BLOCK
-        scores = torch.rand(RANDOM_BLOCK, generator=generator)
-        yield scores[max(offset, start) - start : min(end, start + RANDOM_BLOCK) - start]
+def random_key(seed: int, step: int, tensor_id: int) -> int:
+    """The 63-bit key of a tensor's random scores at a step (splitmix64 of the three)."""
+    return _mix(seed, step, tensor_id)
+
+
+def random_chunks(seed: int, step: int, tensor_id: int, offset: int, numel: int,
+                  device: torch.device | str | None = None) -> Iterable[torch.Tensor]:
+    """Yield uniform [0, 1) float32 scores for positions ``[offset, offset + numel)`` of a tensor.
+
+    The score of position q is a hash of (seed, step, tensor, q) (:func:`gmt_align.batch_kernels.random_bits`,
+    24 random bits): any sharding, any process sees the same scores, and the selection kernels
+    compute them where they need them instead of storing them."""
+    key = random_key(seed, step, tensor_id)
+    for start in range(offset, offset + numel, RANDOM_BLOCK):
+        yield random_range(key, start, min(RANDOM_BLOCK, offset + numel - start), device).view(torch.float32)
 
 
 def _mix(*values: int) -> int:
-    """splitmix64 over the values: distinct (seed, step, tensor, block) give unrelated seeds."""
+    """splitmix64 over the values: distinct (seed, step, tensor) give unrelated keys."""
     state = 0x9E3779B97F4A7C15
     for value in values:
         state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF

@@ -5,32 +5,35 @@ the caller passes a ``reduce`` callable (identity on one process, an all-reduce(
 and every decision is taken from reduced integer counts, so every rank takes the same one and the
 result is the exact threshold a sort of the whole unit would give (tests check it against a sort).
 
-:func:`select_and_mask` reads the gradient about twice and writes it once, in four phases:
+:func:`select_and_mask` reads the gradient about twice and writes it once, in four phases, each
+one batched kernel call over every piece of every unit (:mod:`gmt_align.batch_kernels`: a model's
+hundreds of tensors, or a ZeRO partition's hundreds of slices, cost one call per pass, not one each):
 
 1. :func:`guess` — a strided sample of each unit, then (big units) counts over evenly spaced runs,
-   give probe values near the threshold T without a full read; one ``[units, 9]`` all-reduce each;
-2. :func:`count` — one fused pass counts the entries at or above each probe; the exact counts,
-   all-reduced (``[units, 11]``), bracket T in ``[lo, hi)`` with few entries inside (repeated only
-   if not); the first round also counts inf/NaN, so every rank raises together;
+   give probe values near the threshold T without a full read; one ``[units, 16]`` all-reduce each;
+2. :func:`count` — one fused pass counts the entries at or above each of 15 probes; the exact
+   counts, all-reduced (``[units, 18]``), bracket T in ``[lo, hi)`` with few entries inside
+   (repeated only if not); the first round also counts inf/NaN, so every rank raises together;
 3. :func:`mask` — one fused read-modify-write zeroes everything below ``lo`` and collects the
    entries in ``[lo, hi)``: the candidates, a tiny fraction of the gradient;
-4. :func:`finish` — the exact T among the candidates (``kthvalue`` on one process, radix rounds of
-   at most ``[units, 4096]`` counts across ranks: :func:`gmt_align.radix.radix_within`); the
-   candidates below T are zeroed.
+4. :func:`finish` — the exact T among the candidates (the k-th largest of each unit's candidates
+   on one process, radix rounds of at most ``[units, 4096]`` counts across ranks:
+   :func:`gmt_align.radix.radix_within`); the candidates below T are zeroed.
 
 The score of an entry is the int32 bit pattern of |g| as float32 (which orders like the value);
-probes and brackets live in :mod:`gmt_align.brackets`, the fused passes in :mod:`gmt_align.kernels`.
-``random`` selection scores differently and counts with :func:`gmt_align.radix.select_thresholds`.
+probes and brackets live in :mod:`gmt_align.brackets`. ``random`` selection runs the same phases
+over position-keyed random scores (``random_keys``), which the kernels compute where they need them.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from . import kernels
-from .brackets import PROBES, RUN, RUNS, Bracket, max_candidates, runs_of, sample_bits, sample_size
+from . import batch_kernels
+from .brackets import PROBES, RUN, RUNS, Bracket, max_candidates, runs_of, sample_size, sample_stride
 from .radix import (
     INF_BITS,
     NonFiniteGradientError,
@@ -57,10 +60,6 @@ __all__ = [
 CHUNK = 1 << 20
 """Elements per chunk: bounds the temporaries of every pass to a few MiB."""
 
-Candidates = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
-"""Per open unit, per piece: (positions, bit patterns) of its entries inside the bracket."""
-
-
 def keep_count(numel: int, mask_ratio: float) -> int:
     """Entries to keep out of ``numel``: ``numel - floor(mask_ratio * numel)``.
 
@@ -85,6 +84,7 @@ def select_and_mask(
     sizes: Sequence[int],
     reduce: Reduce | None = None,
     names: Sequence[str] | None = None,
+    random_keys: Callable[[int], Sequence[tuple[int, int]]] | None = None,
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """Keep, in place, the ``keep[u]`` largest-|g| entries of each unit; zero the others.
 
@@ -93,21 +93,51 @@ def select_and_mask(
     all processes. The rule is :func:`select_thresholds`' with exact zeros never kept: T is the
     ``keep[u]``-th largest |g| (at least the smallest positive float), kept = |g| >= T.
 
+    With ``random_keys`` (``random`` selection), ``random_keys(u)`` gives each piece's (key, offset)
+    and the score of an entry is :func:`gmt_align.batch_kernels.random_bits` of its position instead
+    of |g|; T is then the exact ``keep[u]``-th largest score (no floor).
+
     Returns the thresholds (int64 bit patterns; +inf bits for ``keep 0``) and, per unit and piece,
     how many entries were kept. Collective through ``reduce`` like :func:`select_thresholds`;
     it raises :class:`NonFiniteGradientError` on every process together.
     """
     parts = [list(pieces(u)) for u in range(num_units)]
     alone = reduce is None
-    quantum = _grid_of(parts) if alone else 1
+    flat = Pieces(parts, [list(random_keys(u)) for u in range(num_units)] if random_keys else None)
+    quantum = flat.quantum = _grid_of(parts) if alone and random_keys is None else 1
     reduce = reduce or identity
     keep = [int(k) for k in torch.as_tensor(keep, dtype=torch.int64)]
     brackets = {u: Bracket(int(sizes[u]), keep[u], len(parts[u])) for u in range(num_units) if keep[u] > 0}
-    guess(brackets, parts, quantum, reduce)
-    count(brackets, parts, quantum, reduce, names)
-    thresholds, kept, candidates = mask(brackets, parts, quantum)
-    finish(brackets, parts, candidates, thresholds, kept, alone, reduce)
+    guess(brackets, flat, quantum, reduce)
+    count(brackets, flat, quantum, reduce, names)
+    thresholds, kept, candidates = mask(brackets, flat, quantum)
+    finish(brackets, flat, candidates, thresholds, kept, alone, reduce)
     return thresholds, kept
+
+
+class Pieces:
+    """Every piece of every unit in one list, unit after unit (what the batched kernels take)."""
+
+    def __init__(self, parts: list[list[torch.Tensor]], keys: list[list[tuple[int, int]]] | None):
+        self.parts = parts
+        self.tensors = [p for unit_parts in parts for p in unit_parts]
+        self.unit = [u for u, unit_parts in enumerate(parts) for _ in unit_parts]
+        self.first = [0]
+        for unit_parts in parts:
+            self.first.append(self.first[-1] + len(unit_parts))
+        self.keys = [k for unit_keys in keys for k, _ in unit_keys] if keys is not None else None
+        self.offsets = [o for unit_keys in keys for _, o in unit_keys] if keys is not None else None
+        self.floor = 0 if keys is not None else 1  # magnitude never keeps an exact zero
+        self.quantum = 1  # the grid of the probes (select_and_mask sets it)
+
+    def of(self, units: Sequence[int]) -> list[int]:
+        """Indices of the pieces of ``units``, in order."""
+        return [k for u in units for k in range(self.first[u], self.first[u + 1])]
+
+    def keys_of(self, indices: Sequence[int]) -> tuple[list[int] | None, list[int] | None]:
+        if self.keys is None:
+            return None, None
+        return [self.keys[k] for k in indices], [self.offsets[k] for k in indices]
 
 
 def _grid_of(parts: list[list[torch.Tensor]]) -> int:
@@ -122,49 +152,80 @@ def _held(unit_parts: list[torch.Tensor]) -> int:
 
 
 # --- 1. guess ----------------------------------------------------------------------------------------
-def guess(brackets: dict[int, Bracket], parts: list[list[torch.Tensor]], quantum: int, reduce: Reduce) -> None:
-    """Set each bracket's first probes: from samples, then (units of 8 Mi entries or more) from runs."""
-    _guess_from_samples(brackets, parts, quantum, reduce)
+def guess(brackets: dict[int, Bracket], flat: Pieces, quantum: int, reduce: Reduce) -> None:
+    """Set each bracket's first probes: from samples, then (units of 8 Mi entries or more) from runs.
+    Random scores are uniform: their quantiles are known, nothing is read (the same on every rank)."""
+    if flat.keys is not None:
+        _guess_uniform(brackets)
+        return
+    _guess_from_samples(brackets, flat, quantum, reduce)
     big = [u for u, bracket in brackets.items() if bracket.size >= 8 * RUN * RUNS]
     if big:
-        _guess_from_runs(big, brackets, parts, quantum, reduce)
+        _guess_from_runs(big, brackets, flat, quantum, reduce)
 
 
-_SPOTS = (-3.0, -1.5, -0.6, -0.2, 0.2, 0.6, 1.5, 3.0)
+_SPOTS = (-3.0, -2.3, -1.75, -1.3, -0.9, -0.55, -0.25, 0.0, 0.25, 0.55, 0.9, 1.3, 1.75, 2.3, 3.0)
 """Sample quantiles taken as probes, in units of a sample quantile's expected error around keep/n."""
 
 
-def _guess_from_samples(brackets, parts, quantum, reduce) -> None:
-    """Probes at sample quantiles around keep/n, averaged over processes with weights = entries held."""
+def _guess_from_samples(brackets, flat: Pieces, quantum, reduce) -> None:
+    """Probes at sample quantiles around keep/n, averaged over processes with weights = entries held.
+
+    The sample of a unit: every ``stride``-th entry of its pieces (:func:`gmt_align.brackets.sample_stride`,
+    continued from piece to piece); all units' picks in one batched call."""
+    parts = flat.parts
     local = [_held(unit_parts) for unit_parts in parts]
     guesses = torch.zeros(len(parts), PROBES + 1, dtype=torch.int64)
-    samples = {u: sample_bits(parts[u], local[u], sample_size(bracket.size)) for u, bracket in brackets.items()}
-    buckets: dict[int, list[int]] = {}  # units whose samples have about the same size, sorted together
-    for u, sample in samples.items():
-        if sample.numel():
-            buckets.setdefault(sample.numel().bit_length(), []).append(u)
-    for members in buckets.values():  # rows padded with -1, which sorts last
-        table = torch.full((len(members), max(samples[u].numel() for u in members)), -1, dtype=torch.int32)
-        positions = torch.zeros(len(members), PROBES, dtype=torch.int64)
-        for row, u in enumerate(members):
-            n, k, size = brackets[u].size, brackets[u].keep, samples[u].numel()
-            table[row, :size] = samples[u]
-            sigma = (k / n * (1 - k / n) / size) ** 0.5 + 1 / size  # of a sample quantile, as a fraction
-            positions[row] = torch.tensor([min(max(int((k / n + c * sigma) * size), 0), size - 1) for c in _SPOTS])
-        picked = table.sort(dim=1, descending=True).values.gather(1, positions).to(torch.int64)
+    members = [u for u in brackets if local[u] > 0]
+    indices, starts, strides, sizes = [], [], [], []
+    for u in members:
+        stride = sample_stride(local[u], sample_size(brackets[u].size))
+        start, size = 0, 0
+        for index in range(flat.first[u], flat.first[u + 1]):
+            numel = flat.tensors[index].numel()
+            indices.append(index), starts.append(start), strides.append(stride)
+            if start < numel:
+                size += (numel - start + stride - 1) // stride
+            start = (start - numel) % stride if numel else start
+        sizes.append(size)
+    if members:
+        rows = torch.tensor(members)
+        size = torch.tensor(sizes, dtype=torch.float64)[:, None]
+        fraction = torch.tensor([brackets[u].keep / brackets[u].size for u in members], dtype=torch.float64)[:, None]
+        sigma = (fraction * (1 - fraction) / size).sqrt() + 1 / size  # of a sample quantile, as a fraction
+        at = ((fraction + torch.tensor(_SPOTS, dtype=torch.float64) * sigma) * size).to(torch.int64)
+        picks = torch.zeros(len(parts), PROBES, dtype=torch.int64)
+        picks[rows] = torch.minimum(at.clamp(min=0), size.to(torch.int64) - 1)
+        picked = batch_kernels.sample_picks([flat.tensors[k] for k in indices], [flat.unit[k] for k in indices],
+                                            starts, strides, picks, *flat.keys_of(indices))
         held = torch.tensor([local[u] for u in members], dtype=torch.int64)
-        guesses[torch.tensor(members), :PROBES] = picked * held[:, None]
-        guesses[torch.tensor(members), PROBES] = held
+        guesses[rows, :PROBES] = picked[rows] * held[:, None]
+        guesses[rows, PROBES] = held
     guesses = reduce(guesses)
+    weight = guesses[:, PROBES :].clamp(min=1)
+    values = ((guesses[:, :PROBES] // weight).clamp(1, INF_BITS - 1) // quantum * quantum).tolist()
     for u, bracket in brackets.items():
-        weight = max(int(guesses[u, PROBES]), 1)
-        values = {(min(max(int(guesses[u, j]) // weight, 1), INF_BITS - 1) // quantum) * quantum for j in range(PROBES)}
+        bracket.probes = (sorted(set(values[u])) + [INF_BITS] * PROBES)[:PROBES]
+
+
+def _guess_uniform(brackets: dict[int, Bracket]) -> None:
+    """Probes around the keep-th largest of n uniform [0, 1) scores: 1 - keep/n, give or take its
+    standard deviation sqrt(q (1 - q) / n) (q = keep/n) times each of _SPOTS."""
+    for bracket in brackets.values():
+        q = bracket.keep / bracket.size
+        sigma = (q * (1 - q) / bracket.size) ** 0.5
+        values = {min(max(_float_bits(1 - q + c * sigma), 1), INF_BITS - 1) for c in _SPOTS}
         bracket.probes = (sorted(values) + [INF_BITS] * PROBES)[:PROBES]
 
 
-def _guess_from_runs(big, brackets, parts, quantum, reduce) -> None:
+def _float_bits(value: float) -> int:
+    """The bit pattern of ``value`` as a non-negative float32 (0 for negative values)."""
+    return struct.unpack("<i", struct.pack("<f", max(value, 0.0)))[0]
+
+
+def _guess_from_runs(big, brackets, flat: Pieces, quantum, reduce) -> None:
     """Count the sample probes over evenly spaced runs of the big units: a better aim for one exact round."""
-    table, _ = _count_round(big, brackets, parts, reduce, subsample=True)
+    table, _ = _count_round(big, brackets, flat, reduce, subsample=True)
     for u in big:
         bracket = brackets[u]
         seen, held = int(table[u, PROBES + 1]), int(table[u, PROBES + 2])
@@ -175,42 +236,51 @@ def _guess_from_runs(big, brackets, parts, quantum, reduce) -> None:
         bracket.aim_from_runs(table[u, :PROBES].tolist(), scale, sigma, quantum)
 
 
-def _count_round(chosen: list[int], brackets: dict[int, Bracket], parts: list[list[torch.Tensor]], reduce: Reduce,
+def _count_round(chosen: list[int], brackets: dict[int, Bracket], flat: Pieces, reduce: Reduce,
                  subsample: bool) -> tuple[torch.Tensor, dict[int, list[list[int]]]]:
     """All-reduced counts ``[units, PROBES + 3]`` of the entries at or above each unit's probes
     (column PROBES: inf/NaN; with ``subsample``, over the runs only, and the last two columns hold
-    the entries counted and held), and this process's counts per piece."""
-    table = torch.zeros(len(parts), PROBES + 3, dtype=torch.int64)
+    the entries counted and held), and this process's counts per piece. One batched kernel call."""
+    table = torch.zeros(len(flat.parts), PROBES + 3, dtype=torch.int64)
+    indices = flat.of(chosen)
+    views = [runs_of(flat.tensors[k]) if subsample else flat.tensors[k] for k in indices]
+    counted = [i for i, view in enumerate(views) if view is not None and view.numel()]
+    per_piece = torch.zeros(len(indices), PROBES + 1, dtype=torch.int64)
+    if counted:
+        probes = torch.tensor([brackets[flat.unit[indices[i]]].probes + [INF_BITS] for i in counted], dtype=torch.int32)
+        keys, offsets = flat.keys_of([indices[i] for i in counted])
+        per_piece[torch.tensor(counted)] = batch_kernels.count_many([views[i] for i in counted], probes, keys, offsets)
+    unit_index = torch.tensor([flat.unit[k] for k in indices], dtype=torch.int64)
+    if indices:
+        table[:, : PROBES + 1].index_add_(0, unit_index, per_piece)
+    rows = per_piece.tolist()
     local_counts: dict[int, list[list[int]]] = {}
+    at = 0
     for u in chosen:
-        probe = torch.tensor(brackets[u].probes + [INF_BITS], dtype=torch.int32)
-        rows = []
-        for part in parts[u]:
-            view = runs_of(part) if subsample else part
-            counts = kernels.count_at_least(view, probe.to(part.device)) if view is not None and view.numel() \
-                else torch.zeros(PROBES + 1, dtype=torch.int64)
-            table[u, : PROBES + 1] += counts
-            rows.append(counts.tolist())
-        local_counts[u] = rows
-        if subsample:
-            seen = sum(view.numel() for view in map(runs_of, parts[u]) if view is not None)
-            table[u, PROBES + 1 :] = torch.tensor([seen, _held(parts[u])])
+        count_u = flat.first[u + 1] - flat.first[u]
+        local_counts[u] = rows[at : at + count_u]
+        at += count_u
+    if subsample:
+        for u in chosen:
+            seen = sum(views[i].numel() for i, k in enumerate(indices) if flat.unit[k] == u and views[i] is not None)
+            table[u, PROBES + 1 :] = torch.tensor([seen, _held(flat.parts[u])])
     return reduce(table), local_counts
 
 
 # --- 2. count ----------------------------------------------------------------------------------------
-def count(brackets: dict[int, Bracket], parts: list[list[torch.Tensor]], quantum: int, reduce: Reduce,
+def count(brackets: dict[int, Bracket], flat: Pieces, quantum: int, reduce: Reduce,
           names: Sequence[str] | None) -> None:
     """Exact count rounds until every bracket holds at most max_candidates entries (or is resolved)."""
     pending = list(brackets)
     for round_index in range(40):
         if not pending:
             break
-        table, local_counts = _count_round(pending, brackets, parts, reduce, subsample=False)
+        table, local_counts = _count_round(pending, brackets, flat, reduce, subsample=False)
         if round_index == 0:
             raise_on_non_finite(table[:, PROBES], names)
+        counts = table[:, :PROBES].tolist()
         for u in pending:
-            brackets[u].narrow(table[u, :PROBES].tolist(), local_counts[u], quantum)
+            brackets[u].narrow(counts[u], local_counts[u], quantum)
         pending = [u for u in pending
                    if brackets[u].inside > max_candidates(brackets[u].size) and not brackets[u].resolved(quantum)]
     else:
@@ -218,62 +288,68 @@ def count(brackets: dict[int, Bracket], parts: list[list[torch.Tensor]], quantum
 
 
 # --- 3. mask -----------------------------------------------------------------------------------------
-def mask(brackets: dict[int, Bracket], parts: list[list[torch.Tensor]],
-         quantum: int) -> tuple[torch.Tensor, list[list[int]], Candidates]:
-    """Zero below each bracket's ``lo`` and collect the candidates in ``[lo, hi)``.
+Candidates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""Of every piece, one after the other: positions, bit patterns, and how many per piece."""
+
+
+def mask(brackets: dict[int, Bracket], flat: Pieces, quantum: int) -> tuple[torch.Tensor, list[list[int]], Candidates]:
+    """Zero below each bracket's ``lo`` and collect the candidates in ``[lo, hi)``: one batched call.
 
     Returns the thresholds known already (units that keep nothing: +inf bits; resolved brackets),
     the kept counts per unit and piece so far (the entries at or above ``hi``, or all kept entries
     of a resolved unit), and the candidates of the units still open.
     """
+    parts = flat.parts
     thresholds = torch.full((len(parts),), INF_BITS, dtype=torch.int64)
     kept: list[list[int]] = [[0] * len(unit_parts) for unit_parts in parts]
-    candidates: Candidates = {}
+    lo = [INF_BITS] * len(parts)
+    hi = [INF_BITS] * len(parts)
     for u, unit_parts in enumerate(parts):
         bracket = brackets.get(u)
         if bracket is None:  # keep nothing
-            for part in unit_parts:
-                kernels.mask_candidates(part, INF_BITS, INF_BITS)
-        elif bracket.resolved(quantum):
-            thresholds[u] = max(bracket.lo, 1)
-            # kept: entries >= lo, or (lo = 0) the non-zero ones, which are the entries >= hi
-            kept[u] = list(bracket.local_lo if bracket.lo > 0 else bracket.local_hi)
-            for part in unit_parts:
-                kernels.mask_candidates(part, int(thresholds[u]), int(thresholds[u]))
+            continue
+        if bracket.resolved(quantum):
+            thresholds[u] = lo[u] = hi[u] = max(bracket.lo, flat.floor)
+            if bracket.lo > 0:  # kept: the entries >= lo
+                kept[u] = list(bracket.local_lo)
+            elif flat.floor:  # lo = 0: the non-zero ones, which are the entries >= hi
+                kept[u] = list(bracket.local_hi)
+            else:  # random scores, threshold 0: everything
+                kept[u] = [p.numel() for p in unit_parts]
         else:
             kept[u] = list(bracket.local_hi)
-            candidates[u] = [kernels.mask_candidates(part, bracket.lo, bracket.hi) for part in unit_parts]
+            lo[u], hi[u] = bracket.lo, bracket.hi
+    candidates = batch_kernels.mask_many(flat.tensors, [lo[u] for u in flat.unit], [hi[u] for u in flat.unit],
+                                         flat.keys, flat.offsets)
     return thresholds, kept, candidates
 
 
 # --- 4. finish ---------------------------------------------------------------------------------------
-def finish(brackets: dict[int, Bracket], parts: list[list[torch.Tensor]], candidates: Candidates,
+def finish(brackets: dict[int, Bracket], flat: Pieces, candidates: Candidates,
            thresholds: torch.Tensor, kept: list[list[int]], alone: bool, reduce: Reduce) -> None:
     """The exact threshold of each open unit among its candidates; zero the candidates below it.
     Completes ``thresholds`` and ``kept`` in place."""
-    open_units = list(candidates)
-    if alone:  # one process holds every candidate: the need-th largest, unit by unit
-        found = {}
-        for u in open_units:
-            values = torch.cat([bits for _, bits in candidates[u]])
-            need = brackets[u].keep - brackets[u].c_hi  # 1 <= need <= candidates (the bracket's counts)
-            found[u] = int(values.kthvalue(values.numel() - need + 1).values) - brackets[u].lo
+    positions, values, per_piece = candidates
+    open_units = sorted(u for u, bracket in brackets.items() if not bracket.resolved(flat.quantum))
+    if not open_units:
+        return
+    piece_unit = torch.tensor(flat.unit, dtype=torch.int64)
+    need = torch.tensor([brackets[u].keep - brackets[u].c_hi for u in open_units], dtype=torch.int64)
+    lo = torch.tensor([brackets[u].lo for u in open_units], dtype=torch.int64)
+    if alone:  # one process holds every candidate: the need-th largest, all units in one call
+        per_unit = torch.zeros(len(flat.parts), dtype=torch.int64).index_add_(0, piece_unit, per_piece)
+        found = batch_kernels.kth_largest_many(values, per_unit[open_units], need)
     else:  # radix rounds, each count all-reduced
-        cand_bits = [bits - brackets[u].lo for u in open_units for _, bits in candidates[u]]
-        cand_unit = [torch.full_like(bits, u) for u in open_units for _, bits in candidates[u]]
-        found = radix_within(
-            open_units,
-            torch.cat(cand_bits) if cand_bits else torch.zeros(0, dtype=torch.int64),
-            torch.cat(cand_unit) if cand_unit else torch.zeros(0, dtype=torch.int64),
-            {u: brackets[u].hi - brackets[u].lo for u in open_units},
-            {u: brackets[u].keep - brackets[u].c_hi for u in open_units},
-            reduce,
-        )
-    for u in open_units:
-        threshold = max(brackets[u].lo + found[u], 1)
-        thresholds[u] = threshold
-        for index, (part, (positions, bits)) in enumerate(zip(parts[u], candidates[u])):
-            below = bits < threshold
-            if bool(below.any()):
-                part.index_fill_(0, positions[below].to(part.device), 0)
-            kept[u][index] += int((~below).sum())
+        owner = piece_unit.repeat_interleave(per_piece)
+        base = torch.zeros(len(flat.parts), dtype=torch.int64)
+        base[open_units] = lo
+        within = radix_within(open_units, values - base[owner], owner,
+                              {u: brackets[u].hi - brackets[u].lo for u in open_units},
+                              dict(zip(open_units, need.tolist())), reduce)
+        found = lo + torch.tensor([within[u] for u in open_units], dtype=torch.int64)
+    thresholds[open_units] = found.clamp(min=flat.floor)
+    kept_now = batch_kernels.zero_below_many(flat.tensors, per_piece, positions, values, thresholds[piece_unit])
+    for index, count in enumerate(kept_now.tolist()):
+        if count:
+            u = flat.unit[index]
+            kept[u][index - flat.first[u]] += count

@@ -359,3 +359,60 @@ def test_select_and_mask_ranks_get_the_single_process_mask():
         assert all(int(result[0][u]) == threshold for result in results)
         assert torch.equal(torch.cat([shards[u][r] for r in range(world)]), masked)
         assert sum(result[1][u][0] for result in results) == int((masked != 0).sum())
+
+
+# --- batched kernels and random scores ------------------------------------------------------------
+def test_random_scores_of_the_cpp_kernels_are_the_torch_formula():
+    from gmt_align.batch_kernels import random_bits, random_range
+
+    assert kernels.cpp_kernels() is not None, "the C++ CPU kernels did not build"
+    key = (7 << 40) + 12345
+    for offset, n in ((0, 1000), (3, 17), ((1 << 32) - 21, 70)):  # the last one carries into the high word
+        cpp = random_range(key, offset, n)
+        assert torch.equal(cpp, random_bits(key, torch.arange(offset, offset + n, dtype=torch.int64)))
+        assert 0 <= float(cpp.view(torch.float32).min()) and float(cpp.view(torch.float32).max()) < 1
+
+
+def test_count_many_counts_every_piece_with_its_own_probes(kernel_mode):
+    from gmt_align.batch_kernels import count_many, random_bits
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=gen) for n in (0, 5, 4096, 4097, 70_001)]
+    grads[3][7] = float("nan")
+    views = grads + [grads[4][: 64 * 1000].view(1000, 64)[:, :40]]  # a view of runs
+    keys, offsets = [11, 12, 13, 14, 15, 16], [0, 9, 3, 1 << 32, 5, 5]
+    for random in (False, True):
+        # position of entry (r, c) of a view of runs: r * stride(0) + c inside the piece
+        at = [torch.arange(v.numel()) if v.dim() == 1 else torch.arange(v.shape[0])[:, None] * v.stride(0)
+              + torch.arange(v.shape[1]) for v in views]
+        scores = [random_bits(keys[k], offsets[k] + at[k]) if random else v.abs().view(torch.int32)
+                  for k, v in enumerate(views)]
+        probes = torch.stack([torch.tensor(sorted(int(x) for x in torch.randint(0, 2**30, (5,), generator=gen)))
+                              for _ in views]).to(torch.int32)
+        probes = torch.cat([probes, torch.full((len(views), 1), INF_BITS, dtype=torch.int32)], 1)
+        got = count_many(views, probes, keys if random else None, offsets if random else None)
+        for k, s in enumerate(scores):
+            assert got[k].tolist() == [int((s >= p).sum()) for p in probes[k].tolist()], (random, k)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.9])
+def test_random_select_and_mask_matches_sort_of_the_scores(kernel_mode, ratio):
+    """Random selection is the magnitude machinery over position-keyed scores: the exact keep-th largest
+    score of each unit (no floor), over pieces at their offsets, and the masked gradient."""
+    from gmt_align.batch_kernels import random_bits
+
+    gen = torch.Generator().manual_seed(4)
+    units = [torch.randn(n, generator=gen) for n in (1, 64, 1000, 300_001)]
+    keys = [101, 202, 303, 404]
+    work = [u.clone() for u in units]
+    pieces = [list(w.tensor_split(3)) for w in work]
+    placed = [[(keys[u], int(sum(p.numel() for p in pieces[u][:i]))) for i in range(3)] for u in range(len(units))]
+    keep = [keep_count(u.numel(), ratio) for u in units]
+    thresholds, kept = select_and_mask(len(units), lambda u: pieces[u], keep, [u.numel() for u in units],
+                                       random_keys=lambda u: placed[u])
+    for u, g in enumerate(units):
+        scores = random_bits(keys[u], torch.arange(g.numel()))
+        threshold = int(scores.sort(descending=True).values[keep[u] - 1]) if keep[u] else INF_BITS
+        assert int(thresholds[u]) == threshold
+        assert torch.equal(work[u], torch.where(scores >= threshold, g, 0.0))
+        assert kept[u] == [int((s >= threshold).sum()) for s in scores.tensor_split(3)]

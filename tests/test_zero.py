@@ -101,17 +101,12 @@ def test_mask_equals_the_single_process_mask(results, case):
             assert t["unchanged_equals_masked"], name  # masked fp32 weights bit-for-bit unchanged, kept moved
     # Collectives: a few all-reduces of small int64 count matrices per selection (at most
     # [units, 4096]), whatever the sizes. ZeRO selects per stepped (sub-)group for tensor units; one
-    # global threshold, or BF16_Optimizer, selects once. Random scores: 4 rounds of [units, 256].
+    # global threshold, or BF16_Optimizer, selects once. Random scores go through the same count and
+    # radix rounds (their guesses need no all-reduce: uniform scores' quantiles are known), plus one
+    # all-reduce of per-tensor inf/NaN flags (random scores do not read the gradient).
     selections = 1 if result["kind"] == "BF16_Optimizer" or case["granularity"] == "global" else result["partitions"]
-    if case.get("selection") == "random":
-        # 4 radix rounds, and one all-reduce of per-tensor inf/NaN flags (random scores do not read
-        # the gradient, so its non-finite entries are looked for apart: one int64 per tensor).
-        assert result["comm_calls"] == 5 * selections
-        flags = result["comm_bytes"] - 4 * 256 * 8 * result["units"]
-        assert flags % (8 * selections) == 0 and flags // (8 * selections) >= result["units"], flags
-    else:
-        assert 2 * selections <= result["comm_calls"] <= 8 * selections
-        assert result["comm_bytes"] <= result["comm_calls"] * 4096 * 8 * result["units"]
+    assert 2 * selections <= result["comm_calls"] <= 8 * selections
+    assert result["comm_bytes"] <= result["comm_calls"] * 4096 * 8 * max(result["units"], len(result["tensors"]))
 
 
 def test_the_matrix_reaches_every_optimizer_kind(results):
