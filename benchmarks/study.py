@@ -59,12 +59,12 @@ def _gmt(ratio: str, selection: str = "magnitude", mode: str = "gradient") -> li
 # most informative comparisons first.
 ARMS: dict[str, tuple[str, float, list[str]]] = {
     "sft": ("sft", 1.0, _gmt("0")),
-    "sft-lr0.5": ("sft", 0.5, _gmt("0")),
-    "sft-lr0.25": ("sft", 0.25, _gmt("0")),
     "gmt-0.5": ("sft", 1.0, _gmt("0.5")),
     "random-0.5": ("sft", 1.0, _gmt("0.5", "random")),
+    "sft-lr0.5": ("sft", 0.5, _gmt("0")),
     "gmt-0.9": ("sft", 1.0, _gmt("0.9")),
     "random-0.9": ("sft", 1.0, _gmt("0.9", "random")),
+    "sft-lr0.25": ("sft", 0.25, _gmt("0")),
     "gmt-0.1": ("sft", 1.0, _gmt("0.1")),
     "gmt-0.3": ("sft", 1.0, _gmt("0.3")),
     "gmt-0.7": ("sft", 1.0, _gmt("0.7")),

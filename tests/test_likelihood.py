@@ -166,3 +166,57 @@ def test_metric_bad_input_is_one_line(args, needle, capsys, tmp_path, monkeypatc
     assert ev.main(["--model", str(model), *[a.format(model=model) for a in args]]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("gmt-align eval: error: ") and needle in lines[0], lines
+
+
+# ------------------------------------------------------------------ benchmarks/study.py
+
+
+@pytest.fixture()
+def study(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study as study_module
+
+    return study_module
+
+
+def _run_file(out: Path, arm: str, seed: int, nll: tuple[float, float], correct: int = 50) -> None:
+    run = {"arm": arm, "seed": seed, "method": "sft", "train_s": 100.0,
+           "nll": {t: {"n": 300, "nll": v} for t, v in zip(("basic_arithmetic", "chain_sum"), nll)},
+           "accuracy": {t: {"n": 100, "correct": correct, "accuracy": correct / 100}
+                        for t in ("basic_arithmetic", "chain_sum")}}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{arm}-s{seed}.json").write_text(json.dumps(run))
+
+
+def test_study_pairs_by_seed_by_hand(study, tmp_path):
+    import study_stats
+
+    # vanilla NLL (mean of the two tasks) 1.0, 1.2, 1.4; GMT 0.9, 1.15, 1.25: differences -0.1, -0.05, -0.15
+    for seed, v, g, r in ((1, 1.0, 0.9, 1.0), (2, 1.2, 1.15, 1.2), (3, 1.4, 1.25, 1.4)):
+        _run_file(tmp_path, "sft", seed, (v - 0.1, v + 0.1))
+        _run_file(tmp_path, "gmt-0.5", seed, (g, g))
+        _run_file(tmp_path, "random-0.5", seed, (r, r), correct=60)
+    data = study_stats.report(tmp_path, study.ARMS, study.TASKS)
+    d = data["arms"]["gmt-0.5"]["vs_vanilla"]["nll"]
+    # mean -0.1, sd 0.05, half-width t(2) 4.303 * 0.05 / sqrt(3) = 0.12422: contains 0, not resolved
+    assert d["mean"] == pytest.approx(-0.1) and d["sd"] == pytest.approx(0.05)
+    assert d["ci95_half"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5) and d["resolved"] is False
+    rnd = data["arms"]["gmt-0.5"]["vs_random"]
+    assert rnd["against"] == "random-0.5" and rnd["nll"]["diffs"] == pytest.approx([-0.1, -0.05, -0.15])
+    assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["mean"] == pytest.approx(0.1)
+    assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["resolved"] is True  # +0.1 on every seed
+    assert study_stats.seeds_for(0.05, 0.02) == 27  # 2.056 * 0.05 / sqrt(27) = 0.0198
+    assert (tmp_path / "nll_vs_ratio.png").stat().st_size > 10_000 and "gmt-0.5" in (tmp_path / "results.md").read_text()
+
+
+def test_study_arms_are_valid_commands(study, tmp_path):
+    """Every arm's training command passes `gmt-align validate` (no model is loaded)."""
+    from gmt_align.cli import main
+
+    for arm, (method, _, _) in study.ARMS.items():
+        if method == "none":
+            continue
+        command = study.train_command(arm, 1, tmp_path / "model", ROOT / ".cache" / "quickstart" / "data"
+                                      / f"{method}_train.jsonl")
+        assert command[:3] == ["gmt-align", method, "--config"]
+        assert main(["validate", command[3], "--method", method, *command[4:]]) == 0, arm
