@@ -131,6 +131,8 @@ def run_one(arm: str, seed: int, out: Path) -> None:
     for task in TASKS:
         nll = evaluate_teacher_forced(model_dir, task, "nll", n=REGIME["eval_n"], batch_size=16, log=say)
         result.setdefault("nll", {})[task] = {k: nll[k] for k in ("n", "nll", "nll_ci95", "nll_tokens")}
+        # per problem (4 decimals, a few KB): how much of a paired difference is the choice of problems
+        result["nll"][task]["per_example"] = [round(v, 4) for v in nll["per_example"]]
         if REGIME["accuracy_n"]:
             acc = evaluate(model_dir, task, n=REGIME["accuracy_n"], batch_size=16, log=say)
             result.setdefault("accuracy", {})[task] = {k: acc[k] for k in ("n", "correct", "accuracy")}

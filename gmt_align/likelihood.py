@@ -151,9 +151,10 @@ def evaluate_teacher_forced(model_dir: str | Path, task: str, metric: str, *, n:
             f"whose prompt is in the quickstart training set and {evalset.dropped_repeat} repeats")
     if metric == "nll":
         result = nll_summary(chosen)
-        for row, value in zip(rows, result.pop("per_example")):
+        for row, value in zip(rows, result["per_example"]):
             row["nll"] = value
         summary.update(result)
+        per_example = summary.pop("per_example")  # in --output, not in the printed summary
         lo, hi = result["nll_ci95"]
         lines = [f"nll {result['nll']:.4f} (mean over problems of the per-token NLL of the reference answer), "
                  f"95% interval [{lo:.4f}, {hi:.4f}]; token-pooled {result['nll_tokens']:.4f} over "
@@ -186,4 +187,6 @@ def evaluate_teacher_forced(model_dir: str | Path, task: str, metric: str, *, n:
                  + (f"; per-example results: {output}" if output is not None else "")):
         log(line)
     log("summary " + json.dumps(summary))
+    if metric == "nll":
+        summary["per_example"] = per_example
     return summary

@@ -220,3 +220,20 @@ def test_study_arms_are_valid_commands(study, tmp_path):
                                       / f"{method}_train.jsonl")
         assert command[:3] == ["gmt-align", method, "--config"]
         assert main(["validate", command[3], "--method", method, *command[4:]]) == 0, arm
+
+
+def test_documented_report_line_rebuilds_the_committed_results(tmp_path):
+    """docs/results.md's --report_only line, as written, on a copy of the committed runs (then --out COPY)."""
+    import shutil
+
+    text = (ROOT / "docs" / "results.md").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if "benchmarks/study.py" in line and "--report_only" in line]
+    argv = shlex.split(line, comments=True)
+    committed = ROOT / argv[argv.index("--out") + 1]
+    shutil.copytree(committed, tmp_path / "copy")
+    run = subprocess.run([*argv, "--out", str(tmp_path / "copy")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "copy" / "results.md").read_text() == (committed / "results.md").read_text()
+    assert json.loads((tmp_path / "copy" / "results.json").read_text()) == json.loads(
+        (committed / "results.json").read_text())
