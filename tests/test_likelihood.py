@@ -115,6 +115,7 @@ def doc_line(*words: str) -> list[str]:
 def test_documented_nll_line_and_training_lowers_the_nll(trained, smollm2_dir, tmp_path):
     out, *_, before = trained
     argv = doc_line("--metric", "nll")  # as written, on the base model, then --n 4 (the last --n wins)
+    assert shlex.join(["gmt-align", "eval", *argv]) in (ROOT / "docs" / "results.md").read_text()  # shown there too
     stdout, base = _eval(*argv, "--n", "4", "--output", str(tmp_path / "nll.jsonl"))
     assert base["metric"] == "nll" and base["n"] == 4 and "teacher-forced" in stdout
     assert argv[argv.index("--model") + 1] == BASE and argv[argv.index("--task") + 1] == "chain_sum"
