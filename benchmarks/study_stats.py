@@ -47,12 +47,23 @@ def run_metrics(run: dict) -> dict:
     """One run's figures: NLL per task and both (equal n: the mean of the two), accuracy."""
     m = {f"nll_{t}": v["nll"] for t, v in run["nll"].items()}
     m["nll"] = statistics.fmean(v["nll"] for v in run["nll"].values())
+    if all("per_example" in v for v in run["nll"].values()):  # both tasks, equal n: their mean is m["nll"]
+        m["per_example"] = [x for v in run["nll"].values() for x in v["per_example"]]
     if "accuracy" in run:
         m["accuracy"] = sum(v["correct"] for v in run["accuracy"].values()) / sum(
             v["n"] for v in run["accuracy"].values())
     if "preference" in run:
         m["preference_accuracy"] = statistics.fmean(v["preference_accuracy"] for v in run["preference"].values())
     return m
+
+
+def problem_half(a: list[float] | None, b: list[float] | None) -> float | None:
+    """95 % normal half-width, over held-out problems, of one seed's paired NLL difference: how much of
+    it the choice of problems could make (None without per-problem figures)."""
+    if not a or not b:
+        return None
+    diffs = [x - y for x, y in zip(a, b)]
+    return 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
 def paired(a: dict, b: dict, metric: str) -> dict | None:
@@ -64,6 +75,10 @@ def paired(a: dict, b: dict, metric: str) -> dict | None:
     out = interval(diffs)
     half = out["ci95_half"]
     out.update(seeds=seeds, diffs=diffs, resolved=half is not None and abs(out["mean"]) > half)
+    if metric == "nll":
+        halves = [h for h in (problem_half(a[s].get("per_example"), b[s].get("per_example")) for s in seeds)
+                  if h is not None]
+        out["problem_half"] = statistics.fmean(halves) if halves else None
     return out
 
 
@@ -110,7 +125,12 @@ def _diff(d: dict | None, digits: int = 3) -> str:
 
 def report(out: Path, arms: dict, tasks) -> dict:
     data = collect(out, arms)
-    (out / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    def lean(x):  # results.json without the per-problem lists (they stay in the run files)
+        if isinstance(x, dict):
+            return {k: lean(v) for k, v in x.items() if k != "per_example"}
+        return [lean(v) for v in x] if isinstance(x, list) else x
+
+    (out / "results.json").write_text(json.dumps(lean(data), indent=1, default=str) + "\n")
     lines = ["| arm | seeds | NLL (mean ± 95 % t) | NLL sd | per-seed NLL | NLL vs vanilla (paired) | NLL vs random "
              "(paired) | accuracy | accuracy vs vanilla | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, row in data["arms"].items():
@@ -136,6 +156,18 @@ def report(out: Path, arms: dict, tasks) -> dict:
         b = row.get("vs_best_vanilla")
         if b and b["nll"]:
             notes.append(f"{arm} vs {b['against']} (best vanilla): NLL {_diff(b['nll'], 4)}")
+    for arm, row in data["arms"].items():
+        d = row.get("vs_vanilla", {}).get("nll")
+        if d and d.get("problem_half") is not None:
+            notes.append(f"{arm}: the problems' share of one seed's paired NLL difference: ± {d['problem_half']:.4f} "
+                         "(95 %, over held-out problems, mean over seeds)")
+    sft_runs = data["arms"].get("sft", {}).get("per_seed", {})
+    with_problems = [s for s in sorted(sft_runs) if "per_example" in sft_runs[s]]
+    halves = [problem_half(sft_runs[a]["per_example"], sft_runs[b]["per_example"])
+              for i, a in enumerate(with_problems) for b in with_problems[i + 1:]]
+    if halves:
+        notes.append(f"vanilla seed vs vanilla seed ({len(halves)} pairs): the problems' share of an NLL difference "
+                     f"± {statistics.fmean(halves):.4f} (95 %, over held-out problems)")
     sft = data["arms"].get("sft", {}).get("nll")
     if sft and sft["sd"] is not None:
         notes.append(f"vanilla (sft) seed sd {sft['sd']:.4f}: an uncorrelated pair has sd ≈ {sft['sd'] * 2 ** 0.5:.4f}"

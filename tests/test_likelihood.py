@@ -207,6 +207,8 @@ def test_study_pairs_by_seed_by_hand(study, tmp_path):
     assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["mean"] == pytest.approx(0.1)
     assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["resolved"] is True  # +0.1 on every seed
     assert study_stats.seeds_for(0.05, 0.02) == 27  # 2.056 * 0.05 / sqrt(27) = 0.0198
+    # per-problem differences 0, 1, 2: sd 1, half-width 1.96 / sqrt(3)
+    assert study_stats.problem_half([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) == pytest.approx(1.96 / 3 ** 0.5)
     assert (tmp_path / "nll_vs_ratio.png").stat().st_size > 10_000 and "gmt-0.5" in (tmp_path / "results.md").read_text()
 
 
