@@ -212,6 +212,7 @@ def plot(data: dict, path: Path) -> None:
             ys = [arms[arm]["per_seed"][s]["nll"] for s in arms[arm]["seeds"]]
             ax.axhline(arms[arm]["nll"]["mean"], color=color, ls=ls, lw=1, label=f"vanilla {arm} (mean)")
             ax.scatter([0.0] * len(ys), ys, color=color, s=14, alpha=0.6)
+    ax.set_xlim(-0.05, 0.95)  # the ratios the study can run, even before they have
     ax.set_xlabel("mask ratio (dots at 0: vanilla seeds)")
     ax.set_ylabel("held-out NLL per answer token (lower is better)")
     ax.set_title("SmolLM2-135M-Instruct, SFT; every dot one seed")
