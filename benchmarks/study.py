@@ -1,153 +1,184 @@
-"""A miniature of the paper's study: does GMT beat vanilla SFT / DPO on SmolLM2-135M-Instruct?
+"""A study sized by its own noise: does GMT beat vanilla SFT on SmolLM2-135M-Instruct, and does
+magnitude selection beat random selection? (issue 18; docs/results.md holds the results.)
 
-    .venv/bin/python benchmarks/study.py [--out outputs/study] [--seeds 1 2 3] [--jobs 2]
-                                         [--arms ARM ...] [--sft_steps 60] [--dpo_steps 30]
-                                         [--eval_n 200] [--keep_models] [--report_only]
+    .venv/bin/python benchmarks/study.py [--out benchmarks/study_results/sft-e3] [--seeds 1 2 3 4 5]
+                                         [--arms ARM ...] [--jobs 1] [--report_only]
 
-Arms (same data, steps, learning rate and batch within SFT and within DPO):
+Regime (one for every SFT arm): the first ``TRAIN_N`` problems of the quickstart SFT set (a small,
+fixed training set), ``EPOCHS`` epochs, batch 4 x 2 accumulation, AdamW, peak learning rate
+``LR`` with 10 % linear warm-up and cosine decay, fp32, whole-chat loss (TRL's default), one thread.
+The seed (``--seed`` of the recipe) sets the data order and the random masks; it is the only
+thing that changes between repeats, so arms are compared paired by seed.
 
-* ``base``: the model as converted, not trained (evaluated once: greedy decoding is deterministic);
-* ``sft``: vanilla SFT (``gmt_mask_ratio 0``, the parent trainer bit for bit);
-* ``gmt-0.1`` ... ``gmt-0.6``: GMT-SFT, magnitude selection, at mask ratios 0.1, 0.2, 0.4, 0.6;
-* ``random-0.2``, ``random-0.4``: the same number of entries masked, chosen at random;
-* ``dpo``, ``gmt-dpo-0.2``: vanilla DPO and GMT-DPO from the base model on the quickstart pairs.
+Arms (:data:`ARMS`): ``base`` (untrained, once); vanilla SFT at the learning rate x1, x0.5, x0.25
+(``sft``, ``sft-lr0.5``, ``sft-lr0.25``; under AdamW in ``gradient`` mode a masked entry still moves
+through its momentum, so masking also shrinks the step, and GMT counts only where it beats vanilla
+at vanilla's best rate); GMT (magnitude, tensor granularity, gradient mode) at mask ratios 0.1 ...
+0.9; random masks at 0.5 and 0.9; ``update`` mode (masked entries frozen) at 0.5 and 0.9 for
+magnitude and random; vanilla DPO and GMT-DPO 0.5 (not yet sized: see docs/results.md).
 
-SFT runs ``recipes/quickstart/sft.yaml`` (the quickstart's mix of basic_arithmetic and chain_sum,
-batch 4 x 2 accumulation, constant lr raised to 1e-4) for ``--sft_steps`` steps; DPO runs
-``recipes/quickstart/dpo.yaml`` with batch 4 x 2 and lr 1e-5 for ``--dpo_steps`` steps. The seed
-(``--seed`` of the recipe: data order, and the random masks) is the only thing that changes between
-repeats. Every model is evaluated greedily by ``gmt-align eval`` on the same held-out problems
-(``EVAL_SEED``, training prompts removed): basic_arithmetic and chain_sum, ``--eval_n`` each.
+Metrics, on held-out problems (``EVAL_SEED``, every training prompt removed; the same problems for
+every model): the mean per-token NLL of the reference answers, teacher-forced
+(``gmt-align eval --metric nll``), ``EVAL_N`` per task of basic_arithmetic and chain_sum; greedy
+accuracy on the first ``ACCURACY_N`` of them; for DPO arms the preference accuracy and reward
+margin against the base model (``--metric preference``).
 
-Each run is one child process (``--jobs`` at a time, one thread each), which writes
-``OUT/runs/ARM-sSEED/result.json`` last; a run whose result exists is skipped, so an interrupted
-study resumes where it stopped. Model weights are deleted after evaluation unless ``--keep_models``.
-At the end (or with ``--report_only``) the results are collected into ``OUT/results.json``,
-``OUT/results.md`` (the table) and ``OUT/accuracy_vs_ratio.png``.
-
-Needs the quickstart model and data (``make quickstart`` or ``python -m gmt_align.quickstart``).
+Each run is a child process (``--jobs`` at a time) that trains, evaluates, deletes the weights and
+writes ``OUT/runs/ARM-sSEED.json`` (a few hundred bytes: commit them). A run whose file exists is
+skipped, so a stopped study continues where it stopped. ``OUT/study.json`` records the regime; a
+run with other settings is refused. The report (``OUT/results.md``, ``OUT/results.json``,
+``OUT/nll_vs_ratio.png``) pairs each arm with vanilla by seed. Weights go to ``outputs/study-scratch``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from study_stats import report  # noqa: E402
+
 MODEL = ".cache/quickstart/SmolLM2-135M-Instruct"
 TASKS = ("basic_arithmetic", "chain_sum")
-# name -> (method, overrides); every SFT arm shares the recipe and differs only in the GMT fields.
-ARMS: dict[str, tuple[str, list[str]]] = {
-    "base": ("none", []),
-    "sft": ("sft", ["--gmt_mask_ratio", "0"]),
-    **{f"gmt-{r}": ("sft", ["--gmt_mask_ratio", r]) for r in ("0.1", "0.2", "0.4", "0.6")},
-    **{f"random-{r}": ("sft", ["--gmt_mask_ratio", r, "--gmt_selection", "random"]) for r in ("0.2", "0.4")},
-    "dpo": ("dpo", ["--gmt_mask_ratio", "0"]),
-    "gmt-dpo-0.2": ("dpo", ["--gmt_mask_ratio", "0.2"]),
+REGIME = {"train_n": 128, "epochs": 3, "lr": 1e-4, "warmup": 0.1, "batch": 4, "accumulation": 2,
+          "eval_n": 300, "accuracy_n": 100, "dpo_lr": 5e-6, "dpo_beta": 0.1}
+
+
+def _gmt(ratio: str, selection: str = "magnitude", mode: str = "gradient") -> list[str]:
+    return ["--gmt_mask_ratio", ratio, "--gmt_selection", selection, "--gmt_mode", mode]
+
+
+# name -> (method, learning-rate factor, overrides). Ordered as the study runs them by default: the
+# most informative comparisons first.
+ARMS: dict[str, tuple[str, float, list[str]]] = {
+    "sft": ("sft", 1.0, _gmt("0")),
+    "gmt-0.5": ("sft", 1.0, _gmt("0.5")),
+    "random-0.5": ("sft", 1.0, _gmt("0.5", "random")),
+    "sft-lr0.5": ("sft", 0.5, _gmt("0")),
+    "gmt-0.9": ("sft", 1.0, _gmt("0.9")),
+    "random-0.9": ("sft", 1.0, _gmt("0.9", "random")),
+    "sft-lr0.25": ("sft", 0.25, _gmt("0")),
+    "gmt-0.1": ("sft", 1.0, _gmt("0.1")),
+    "gmt-0.3": ("sft", 1.0, _gmt("0.3")),
+    "gmt-0.7": ("sft", 1.0, _gmt("0.7")),
+    "gmt-update-0.5": ("sft", 1.0, _gmt("0.5", mode="update")),
+    "random-update-0.5": ("sft", 1.0, _gmt("0.5", "random", "update")),
+    "gmt-update-0.9": ("sft", 1.0, _gmt("0.9", mode="update")),
+    "random-update-0.9": ("sft", 1.0, _gmt("0.9", "random", "update")),
+    "base": ("none", 1.0, []),
+    "dpo": ("dpo", 1.0, _gmt("0")),
+    "gmt-dpo-0.5": ("dpo", 1.0, _gmt("0.5")),
 }
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, two-sided 95 %
 
 
-def train_command(arm: str, seed: int, out_dir: Path, args) -> list[str]:
-    method, overrides = ARMS[arm]
-    common = ["--output_dir", str(out_dir), "--seed", str(seed), "--save_strategy", "no",
-              "--logging_steps", "10", "--report_to", "none", "--disable_tqdm", "true"]
-    if method == "sft":
-        recipe = ["--config", "recipes/quickstart/sft.yaml", "--max_steps", str(args.sft_steps),
-                  "--learning_rate", "1e-4"]
-    else:
-        recipe = ["--config", "recipes/quickstart/dpo.yaml", "--max_steps", str(args.dpo_steps),
-                  "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                  "--learning_rate", "1e-5"]
-    return ["gmt-align", method, *recipe, *common, *overrides]
+def train_data(method: str, out: Path) -> Path:
+    """The fixed training set: the first ``train_n`` rows of the quickstart SFT (or DPO) data."""
+    path = out / "data" / f"{method}_train_{REGIME['train_n']}.jsonl"
+    if not path.is_file():
+        source = ROOT / ".cache" / "quickstart" / "data" / f"{method}_train.jsonl"
+        rows = source.read_text().splitlines()[:REGIME["train_n"]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(rows) + "\n")
+    return path
 
 
-def run_one(arm: str, seed: int, run_dir: Path, args) -> None:
-    """Train (unless ``base``) and evaluate one arm in this process; write ``result.json`` last."""
+def train_command(arm: str, seed: int, model_dir: Path, data: Path) -> list[str]:
+    method, lr_factor, overrides = ARMS[arm]
+    lr = (REGIME["dpo_lr"] if method == "dpo" else REGIME["lr"]) * lr_factor
+    return ["gmt-align", method, "--config", f"recipes/quickstart/{method}.yaml",
+            "--dataset_name", str(data), "--max_steps", "-1", "--num_train_epochs", str(REGIME["epochs"]),
+            "--per_device_train_batch_size", str(REGIME["batch"]),
+            "--gradient_accumulation_steps", str(REGIME["accumulation"]),
+            "--learning_rate", f"{lr:g}", "--lr_scheduler_type", "cosine", "--warmup_steps", str(REGIME["warmup"]),
+            *(["--beta", str(REGIME["dpo_beta"])] if method == "dpo" else []),
+            "--output_dir", str(model_dir), "--seed", str(seed), "--save_strategy", "no", "--logging_steps", "8",
+            "--report_to", "none", "--disable_tqdm", "true", *overrides]
+
+
+def run_one(arm: str, seed: int, out: Path) -> None:
+    """Train (unless ``base``), evaluate and write ``OUT/runs/ARM-sSEED.json`` last."""
     sys.path.insert(0, str(ROOT))
     from gmt_align.cli import main as cli
     from gmt_align.evaluate import evaluate
+    from gmt_align.likelihood import evaluate_teacher_forced
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"arm": arm, "seed": seed, "method": ARMS[arm][0]}
+    method = ARMS[arm][0]
+    scratch = ROOT / "outputs" / "study-scratch" / f"{out.name}-{arm}-s{seed}"
+    result: dict = {"arm": arm, "seed": seed, "method": method}
     model_dir = Path(MODEL)
-    if ARMS[arm][0] != "none":
-        model_dir = run_dir / "model"
-        command = train_command(arm, seed, model_dir, args)
+    if method != "none":
+        model_dir = scratch / "model"
+        command = train_command(arm, seed, model_dir, train_data(method, out))
         result["command"] = " ".join(command)
         t0 = time.perf_counter()
         if cli(command[1:]) != 0:
             raise SystemExit(f"{arm} seed {seed}: training failed")
         result["train_s"] = round(time.perf_counter() - t0, 1)
-        log = model_dir / "gmt_stats.jsonl"
-        if log.is_file():
-            shutil.copy(log, run_dir / "gmt_stats.jsonl")
+        state = model_dir / "trainer_state.json"
+        if state.is_file():
+            history = json.loads(state.read_text())["log_history"]
+            result["train_loss"] = [round(h["loss"], 4) for h in history if "loss" in h]
+            result["steps"] = json.loads(state.read_text())["global_step"]
     t0 = time.perf_counter()
-    result["eval"] = {}
+    say = lambda line: print(line, flush=True)  # noqa: E731
     for task in TASKS:
-        summary = evaluate(model_dir, task, n=args.eval_n, output=run_dir / f"eval_{task}.jsonl",
-                           log=lambda line: print(line, flush=True))
-        result["eval"][task] = {k: summary[k] for k in ("n", "correct", "accuracy", "ci95")}
+        nll = evaluate_teacher_forced(model_dir, task, "nll", n=REGIME["eval_n"], batch_size=16, log=say)
+        result.setdefault("nll", {})[task] = {k: nll[k] for k in ("n", "nll", "nll_ci95", "nll_tokens")}
+        # per problem (4 decimals, a few KB): how much of a paired difference is the choice of problems
+        result["nll"][task]["per_example"] = [round(v, 4) for v in nll["per_example"]]
+        if REGIME["accuracy_n"]:
+            acc = evaluate(model_dir, task, n=REGIME["accuracy_n"], batch_size=16, log=say)
+            result.setdefault("accuracy", {})[task] = {k: acc[k] for k in ("n", "correct", "accuracy")}
+        if method == "dpo":
+            pref = evaluate_teacher_forced(model_dir, task, "preference", n=REGIME["eval_n"], batch_size=16,
+                                           ref_model=MODEL, beta=REGIME["dpo_beta"], log=say)
+            result.setdefault("preference", {})[task] = {
+                k: pref[k] for k in ("n", "preferred", "preference_accuracy", "reward_margin")}
     result["eval_s"] = round(time.perf_counter() - t0, 1)
-    if model_dir != Path(MODEL) and not args.keep_models:
-        shutil.rmtree(model_dir)
-    tmp = run_dir / "result.json.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    path = out / "runs" / f"{arm}-s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, run_dir / "result.json")
+    os.replace(tmp, path)
 
 
-def schedule(args) -> list[tuple[str, int]]:
-    """Seed-major order, so a stopped study holds whole seeds; ``base`` once."""
-    todo = []
-    for i, seed in enumerate(args.seeds):
-        for arm in args.arms:
-            if arm == "base" and i > 0:
-                continue
-            todo.append((arm, seed))
-    return todo
-
-
-def check_settings(args) -> None:
-    """Refuse to mix results of other settings into ``OUT``; record the settings on first use."""
-    settings = {"sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "eval_n": args.eval_n}
-    path = args.out / "study.json"
+def check_settings(out: Path) -> None:
+    """Refuse to mix runs of another regime into ``out``; record the regime on first use."""
+    path = out / "study.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        if before != settings:
-            raise SystemExit(f"study: {args.out} holds runs made with {before}, not {settings}; "
-                             "choose another --out")
+        if before != REGIME:
+            raise SystemExit(f"study: {out} holds runs made with {before}, not {REGIME}; choose another --out")
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(REGIME) + "\n")
 
 
 def drive(args) -> None:
+    """Arm-major in ``--arms`` order (``base`` once), ``--jobs`` child processes of one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "torchinductor"))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    todo = [(a, s) for a, s in schedule(args) if not (args.out / "runs" / f"{a}-s{s}" / "result.json").is_file()]
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    todo = [(a, s) for a in args.arms for s in (args.seeds[:1] if a == "base" else args.seeds)
+            if not (args.out / "runs" / f"{a}-s{s}.json").is_file()]
     print(f"study: {len(todo)} runs to do in {args.out} ({args.jobs} at a time)", flush=True)
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    logs = ROOT / "outputs" / "study-scratch" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: list = []
     failed = []
     t_start = time.perf_counter()
     while todo or running:
         while todo and len(running) < args.jobs:
             arm, seed = todo.pop(0)
-            run_dir = args.out / "runs" / f"{arm}-s{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "--_run", arm, str(seed), "--out", str(args.out),
-                   "--sft_steps", str(args.sft_steps), "--dpo_steps", str(args.dpo_steps),
-                   "--eval_n", str(args.eval_n), *(["--keep_models"] if args.keep_models else [])]
-            with open(run_dir / "log.txt", "w") as log:
+            cmd = [sys.executable, __file__, "--_run", arm, str(seed), "--out", str(args.out)]
+            with open(logs / f"{args.out.name}-{arm}-s{seed}.txt", "w") as log:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((arm, seed, proc, time.perf_counter()))
         time.sleep(2)
@@ -156,7 +187,7 @@ def drive(args) -> None:
             if proc.poll() is None:
                 continue
             running.remove(item)
-            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see log.txt)"
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs})"
             if proc.returncode:
                 failed.append(f"{arm}-s{seed}")
             print(f"[{(time.perf_counter() - t_start) / 60:6.1f} min] {arm} seed {seed}: {status} "
@@ -165,140 +196,28 @@ def drive(args) -> None:
         raise SystemExit(f"study: {len(failed)} runs failed: {', '.join(failed)}")
 
 
-# ------------------------------------------------------------------------------ report
-
-
-def collect(out: Path) -> dict:
-    sys.path.insert(0, str(ROOT))
-    from gmt_align.evaluate import wilson_interval
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
-    arms = {}
-    for arm in ARMS:
-        mine = [r for r in runs if r["arm"] == arm]
-        if not mine:
-            continue
-        row: dict = {"arm": arm, "seeds": sorted(r["seed"] for r in mine), "tasks": {}}
-        for task in (*TASKS, "both"):
-            accs, k, n = [], 0, 0
-            for r in mine:
-                parts = TASKS if task == "both" else (task,)
-                kk = sum(r["eval"][t]["correct"] for t in parts)
-                nn = sum(r["eval"][t]["n"] for t in parts)
-                accs.append(kk / nn)
-                k, n = k + kk, n + nn
-            mean = statistics.fmean(accs)
-            half = T95[len(accs) - 1] * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else None
-            row["tasks"][task] = {"mean": mean, "per_seed": accs, "seed_ci95_half": half,
-                                  "pooled": [k, n], "pooled_wilson95": list(wilson_interval(k, n))}
-        row["per_seed_both"] = {r["seed"]: sum(r["eval"][t]["correct"] for t in TASKS)
-                                / sum(r["eval"][t]["n"] for t in TASKS) for r in mine}
-        for key in ("train_s", "eval_s"):
-            values = [r[key] for r in mine if key in r]
-            row[key] = statistics.fmean(values) if values else None
-        arms[arm] = row
-    for arm, row in arms.items():  # paired by seed against the vanilla arm of the same method
-        ref = arms.get("dpo" if arm.startswith("gmt-dpo") else "sft")
-        if ref is None or arm in ("base", "sft", "dpo"):
-            continue
-        diffs = [acc - ref["per_seed_both"][seed] for seed, acc in row["per_seed_both"].items()
-                 if seed in ref["per_seed_both"]]
-        if diffs:
-            half = T95[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-            row["vs_vanilla"] = {"against": ref["arm"], "mean": statistics.fmean(diffs), "ci95_half": half,
-                                 "n": len(diffs)}
-    return arms
-
-
-def report(args) -> None:
-    arms = collect(args.out)
-    (args.out / "results.json").write_text(json.dumps(arms, indent=1) + "\n")
-
-    def cell(t: dict) -> str:
-        half = "" if t["seed_ci95_half"] is None else f" ± {t['seed_ci95_half']:.3f}"
-        lo, hi = t["pooled_wilson95"]
-        return f"{t['mean']:.3f}{half} [{lo:.3f}, {hi:.3f}]"
-
-    lines = ["| arm | seeds | " + " | ".join(TASKS) + " | both | per-seed (both) | vs vanilla (both, paired) "
-             "| train s | eval s |",
-             "|---|---|" + "---|" * (len(TASKS) + 5)]
-    for arm, row in arms.items():
-        per_seed = ", ".join(f"{a:.3f}" for a in row["tasks"]["both"]["per_seed"])
-        timing = [f"{row[k]:.0f}" if row[k] is not None else "–" for k in ("train_s", "eval_s")]
-        vs = row.get("vs_vanilla")
-        delta = "–" if vs is None else f"{vs['mean']:+.3f}" + (
-            "" if vs["ci95_half"] is None else f" ± {vs['ci95_half']:.3f}") + f" ({vs['against']})"
-        lines.append(f"| {arm} | {len(row['seeds'])} | " + " | ".join(cell(row["tasks"][t]) for t in TASKS)
-                     + f" | {cell(row['tasks']['both'])} | {per_seed} | {delta} | {timing[0]} | {timing[1]} |")
-    table = "\n".join(lines)
-    (args.out / "results.md").write_text(
-        "Accuracy: mean over seeds ± t-interval half-width over seeds (95 %), "
-        "[pooled 95 % Wilson interval over all seeds' problems]. vs vanilla: the mean over seeds of "
-        "(arm − vanilla of the same method and seed) ± its t-interval half-width (95 %).\n\n" + table + "\n")
-    print(table)
-    plot(arms, args.out / "accuracy_vs_ratio.png")
-
-
-def plot(arms: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for prefix, label, marker in (("gmt", "GMT (largest |g| kept)", "o"), ("random", "random mask", "s")):
-        pts = [(0.0, arms["sft"])] if "sft" in arms else []
-        pts += [(float(a.split("-")[1]), row) for a, row in arms.items()
-                if a.startswith(prefix + "-") and "dpo" not in a]
-        if len(pts) < 2:
-            continue
-        pts.sort(key=lambda p: p[0])
-        xs = [x for x, _ in pts]
-        ys = [row["tasks"]["both"]["mean"] for _, row in pts]
-        errs = [row["tasks"]["both"]["seed_ci95_half"] or 0.0 for _, row in pts]
-        ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, label=label + " (mean ± 95 % t)")
-        for x, row in pts:  # every seed, so that two-seed intervals do not hide the data
-            seeds = row["tasks"]["both"]["per_seed"]
-            ax.scatter([x] * len(seeds), seeds, marker=marker, s=12, alpha=0.5,
-                       color=ax.lines[-1].get_color() if ax.lines else None)
-    if "base" in arms:
-        ax.axhline(arms["base"]["tasks"]["both"]["mean"], color="grey", ls="--", label="base model")
-    ax.set_ylim(0.0, 0.5)
-    ax.set_xlabel("mask ratio (0 = vanilla SFT)")
-    ax.set_ylabel("accuracy, basic_arithmetic + chain_sum")
-    ax.set_title("SmolLM2-135M-Instruct, 60 SFT steps; dots: single seeds")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "study")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--sft_steps", type=int, default=60)
-    parser.add_argument("--dpo_steps", type=int, default=30)
-    parser.add_argument("--eval_n", type=int, default=200)
-    parser.add_argument("--keep_models", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "study_results" / "sft-e3")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if ARMS[a][0] != "dpo"], choices=list(ARMS))
+    parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--_run", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.sft_steps < 1 or args.dpo_steps < 1 or args.eval_n < 1:
-        parser.error("--jobs, --sft_steps, --dpo_steps and --eval_n must be >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     args.out = args.out.resolve()
     os.chdir(ROOT)
     if args._run:
-        arm, seed = args._run
-        run_one(arm, int(seed), args.out / "runs" / f"{arm}-s{seed}", args)
+        run_one(args._run[0], int(args._run[1]), args.out)
         return
     if not (ROOT / MODEL / "config.json").is_file():
         parser.error(f"{MODEL} missing: run `python -m gmt_align.quickstart` (or `make quickstart`) first")
     if not args.report_only:
-        check_settings(args)
+        check_settings(args.out)
         drive(args)
-    report(args)
+    report(args.out, ARMS, TASKS)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""``gmt-align eval``: greedy-decode a held-out split and report accuracy with a 95 % interval.
+"""``gmt-align eval``: greedy accuracy with a 95 % interval on a held-out split, or a teacher-forced
+metric (``--metric nll`` / ``preference``, :mod:`gmt_align.likelihood`) on the same problems.
 
     gmt-align eval --model DIR --task TASK [--n N] [--seed S] [--batch_size B]
                    [--max_new_tokens M] [--timeout T] [--output FILE]
+                   [--metric accuracy|nll|preference] [--ref_model DIR] [--beta B]
 
 Tasks (see docs/evaluation.md):
 
@@ -17,6 +19,9 @@ Tasks (see docs/evaluation.md):
 
 Accuracy comes with a 95 % Wilson score interval (:func:`wilson_interval`). With ``--output``,
 one JSON line per example is written (prompt, response, answer, expected, score, correct).
+``--metric nll`` (the reference answers' mean per-token NLL) and ``--metric preference`` (DPO's
+implicit reward of the correct answer against a near miss, relative to ``--ref_model``) take the
+reasoning-gym tasks and generate nothing.
 ``--model`` is a saved model, or a PEFT adapter directory (``adapter_config.json``, as
 ``gmt-align sft --use_peft true`` saves): the adapter is loaded on its base model and merged.
 Bad input exits with status 2 and one line on stderr, before the model is loaded.
@@ -41,6 +46,7 @@ from typing import Any
 
 RG_TASKS: tuple[str, ...] = ("basic_arithmetic", "chain_sum", "gsm_symbolic")
 TASKS: tuple[str, ...] = (*RG_TASKS, "humaneval")
+METRICS: tuple[str, ...] = ("accuracy", "nll", "preference")
 HUMANEVAL_SIZE = 164
 DEFAULT_N = {**{t: 200 for t in RG_TASKS}, "humaneval": HUMANEVAL_SIZE}
 DEFAULT_MAX_NEW_TOKENS = {"basic_arithmetic": 32, "chain_sum": 32, "gsm_symbolic": 128, "humaneval": 384}
@@ -382,8 +388,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise EvalUsageError(f"--batch_size {args.batch_size}: must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise EvalUsageError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
-    if args.timeout <= 0:
+    if args.timeout is not None and args.timeout <= 0:
         raise EvalUsageError(f"--timeout {args.timeout}: must be positive")
+    check_metric_args(args)
     from . import quickstart as qs
 
     if args.task in RG_TASKS and args.seed == qs.TRAIN_SEED:
@@ -399,6 +406,31 @@ def check_args(args: argparse.Namespace) -> None:
             import reasoning_gym  # noqa: F401
         except ImportError:
             raise EvalUsageError(f"{args.task} needs reasoning-gym: pip install 'gmt-align[quickstart]'") from None
+
+
+def check_metric_args(args: argparse.Namespace) -> None:
+    """The options of ``--metric``: teacher-forced metrics take reasoning-gym tasks and no generation
+    options; ``--ref_model`` and ``--beta`` belong to ``preference`` alone."""
+    metric = args.metric
+    if metric != "accuracy":
+        if args.task not in RG_TASKS:
+            raise EvalUsageError(f"--metric {metric} takes a reasoning-gym task ({', '.join(RG_TASKS)}), "
+                                 f"not {args.task}")
+        given = [flag for flag, value in (("--max_new_tokens", args.max_new_tokens),
+                                          ("--timeout", args.timeout))
+                 if value is not None]
+        if given:
+            raise EvalUsageError(f"{given[0]} is a generation option; --metric {metric} generates nothing")
+    if metric == "preference":
+        if args.ref_model is None:
+            raise EvalUsageError("--metric preference needs --ref_model DIR (the model DPO started from)")
+        if not (Path(args.ref_model) / "config.json").is_file():
+            raise EvalUsageError(f"--ref_model {args.ref_model}: not a saved model directory (no config.json)")
+        if args.beta is not None and not args.beta > 0:
+            raise EvalUsageError(f"--beta {args.beta}: must be positive")
+    elif args.ref_model is not None or args.beta is not None:
+        raise EvalUsageError(f"--{'ref_model' if args.ref_model is not None else 'beta'} is an option of "
+                             f"--metric preference, not {metric}")
 
 
 def evaluate(model_dir: str | Path, task: str, *, n: int | None = None, seed: int | None = None,
@@ -471,7 +503,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gmt-align eval", description="Greedy-decode a held-out split and report accuracy "
-                "with a 95% Wilson score interval. See docs/evaluation.md.")
+                "with a 95% Wilson score interval, or (--metric) a teacher-forced NLL or DPO preference "
+                "metric. See docs/evaluation.md.")
     p.add_argument("--model", required=True, help="a saved model directory (config.json, weights, tokenizer), "
                    "or a PEFT adapter directory (adapter_config.json: loaded on its base model)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
@@ -482,8 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="generation batch size (default 16)")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="default: " + ", ".join(f"{t} {m}" for t, m in DEFAULT_MAX_NEW_TOKENS.items()))
-    p.add_argument("--timeout", type=float, default=3.0, help="humaneval: seconds per program (default 3)")
+    p.add_argument("--timeout", type=float, default=None, help="humaneval: seconds per program (default 3)")
     p.add_argument("--output", default=None, help="write one JSON line per example here (default: none)")
+    p.add_argument("--metric", choices=METRICS, default="accuracy",
+                   help="accuracy (greedy, default); nll: mean per-token NLL of the reference answers, "
+                   "teacher-forced; preference: DPO preference accuracy and reward margin against --ref_model")
+    p.add_argument("--ref_model", default=None, help="--metric preference: the reference model (DPO's start)")
+    p.add_argument("--beta", type=float, default=None, help="--metric preference: DPO's beta (default 0.1)")
     return p
 
 
@@ -497,8 +535,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
+    if args.metric != "accuracy":
+        from .likelihood import evaluate_teacher_forced
+
+        evaluate_teacher_forced(args.model, args.task, args.metric, n=args.n, seed=args.seed,
+                                batch_size=args.batch_size, ref_model=args.ref_model, beta=args.beta,
+                                output=args.output)
+        return 0
     evaluate(args.model, args.task, n=args.n, seed=args.seed, batch_size=args.batch_size,
-             max_new_tokens=args.max_new_tokens, timeout=args.timeout, output=args.output)
+             max_new_tokens=args.max_new_tokens, timeout=3.0 if args.timeout is None else args.timeout,
+             output=args.output)
     return 0
 
 
