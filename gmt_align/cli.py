@@ -5,7 +5,7 @@ Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` checks a recipe
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.validate`).
 ``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.report`).
-``gmt-align eval --model DIR --task TASK`` measures accuracy on a held-out split (see
+``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy) on a held-out split (see
 :mod:`gmt_align.evaluate`). ``gmt-align env`` prints versions, GPU and kernels for a bug report (see
 :mod:`gmt_align.environment`); ``gmt-align --version`` the version.
 """
@@ -22,6 +22,7 @@ USAGE = """usage: gmt-align COMMAND --config RECIPE.yaml [--field value ...]
        gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--here] [--field value ...]
        gmt-align report OUTPUT_DIR [--out DIR]
        gmt-align eval --model DIR --task TASK [--n N] [--seed S] [--batch_size B] [--max_new_tokens M] [--output FILE]
+                      [--metric accuracy|nll|preference] [--ref_model DIR] [--beta B]
        gmt-align env | --version
 
 commands:
@@ -30,7 +31,8 @@ commands:
   validate  check recipes and their DeepSpeed config without loading a model; list every problem
   report    plots and a summary of a run's mask telemetry (OUTPUT_DIR/gmt_stats.jsonl)
   eval      greedy accuracy (95% Wilson interval) on a held-out split: basic_arithmetic,
-            chain_sum, gsm_symbolic (reasoning-gym) or humaneval (pass@1)
+            chain_sum, gsm_symbolic (reasoning-gym) or humaneval (pass@1); --metric nll: the
+            reference answers' mean per-token NLL; --metric preference: DPO preference accuracy
   env       versions, GPU and the GMT kernels that will run (paste it into bug reports)
 
 Any recipe field can be given or overridden on the command line, e.g.
