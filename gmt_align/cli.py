@@ -5,8 +5,8 @@ Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` checks a recipe
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.validate`).
 ``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.report`).
-``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy) on a held-out split (see
-:mod:`gmt_align.evaluate`). ``gmt-align env`` prints versions, GPU and kernels for a bug report (see
+``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy)
+on a held-out split (see :mod:`gmt_align.evaluate`). ``gmt-align env`` prints versions, GPU and kernels for a bug report (see
 :mod:`gmt_align.environment`); ``gmt-align --version`` the version.
 """
 
