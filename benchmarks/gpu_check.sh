@@ -49,7 +49,7 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/torchind
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
 
 if [ "$MODE" = cpu ]; then
-  exec "$PY" benchmarks/gpu_check.py --device cpu --quick --rounds 1 --steps 2
+  exec "$PY" benchmarks/gpu_check.py --device cpu --quick --rounds 1 --steps 1
 fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: torch ($PY) sees no CUDA device; use --cpu for the CPU mode" >&2; exit 2
