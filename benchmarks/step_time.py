@@ -7,8 +7,8 @@ Runs the quickstart recipe (SmolLM2-135M-Instruct, fp32, per-device batch 4) wit
 ``gradient_accumulation_steps 4`` and the same seed in both arms; ``vanilla`` is the same recipe
 with ``gmt_mask_ratio 0`` (the parent trainer, bit for bit). Each run is a fresh process that
 trains ``1 + --steps`` optimizer steps; the first (which also compiles GMT's kernels) is not
-timed. Runs alternate GMT / vanilla for ``--rounds`` rounds, so load on the machine hits both
-alike. A step is timed from the Trainer's ``on_step_begin`` to ``on_step_end`` (forward, backward
+timed. Runs alternate GMT / vanilla (which goes first alternates too) for ``--rounds`` rounds, so
+load on the machine hits both alike. A step is timed from the Trainer's ``on_step_begin`` to ``on_step_end`` (forward, backward
 and optimizer step of one accumulation window). Prints per-run medians and ends with one line
 
     gmt_vs_vanilla=<median GMT step / median vanilla step>
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     steps: dict[str, list[float]] = {"gmt": [], "vanilla": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            for arm, ratio in (("gmt", args.ratio), ("vanilla", 0.0)):
+            arms = (("gmt", args.ratio), ("vanilla", 0.0))
+            for arm, ratio in arms if round_index % 2 == 0 else arms[::-1]:  # who goes first alternates
                 out = Path(tmp) / f"{arm}{round_index}.json"
                 command = [__file__, "--worker", "--out", str(out), "--output_dir", str(Path(tmp) / arm),
                            "--steps", str(args.steps), "--ratio", str(ratio), "--granularity", args.granularity]
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
                 print(f"round {round_index} {arm:<8} median step {statistics.median(timed):.3f} s "
                       f"({', '.join(f'{d:.2f}' for d in timed)}){selection}", flush=True)
     gmt, vanilla = statistics.median(steps["gmt"]), statistics.median(steps["vanilla"])
-    where = f"ZeRO-{args.zero} on 2 CPU ranks, per-device batch 2" if args.zero else "1 process, per-device batch 4"
+    where = (f"ZeRO-{args.zero} on 2 CPU ranks, per-device batch 2" if args.zero
+             else "1 process, per-device batch 4")
     print(f"# {len(steps['gmt'])} GMT steps (ratio {args.ratio}, {args.granularity}) and {len(steps['vanilla'])} vanilla "
           f"steps, gradient_accumulation_steps 4, {where}: median {gmt:.3f} s vs {vanilla:.3f} s "
           f"(GMT {min(steps['gmt']):.3f}-{max(steps['gmt']):.3f}, vanilla {min(steps['vanilla']):.3f}-"

@@ -99,7 +99,8 @@ void save_masked(torch::Tensor weight, torch::Tensor words, torch::Tensor offset
         const int count = __builtin_popcount(k);
         // compress in a register, then a masked store: a compress straight to memory is microcoded
         // on some CPUs (AMD Zen 4: ~7x slower here)
-        _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << count) - 1), _mm512_maskz_compress_ps(k, _mm512_loadu_ps(w + i)));
+        const __m512 packed = _mm512_maskz_compress_ps(k, _mm512_loadu_ps(w + i));
+        _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << count) - 1), packed);
         dst += count;
       }
 #endif
