@@ -23,11 +23,7 @@ from ..engine import Fragment, MaskEngine, TensorInfo
 from ..selection import NonFiniteGradientError
 from .layout import OptimizerLayout
 
-__all__ = ["HOLD_FRACTION", "MaskHooks", "tensor_table"]
-
-HOLD_FRACTION = 0.05
-"""``tensor`` granularity selects the units of all flat tensors of a step together when the gradients
-held back meanwhile are at most this fraction of the maskable entries (see ``_cheap_to_hold``)."""
+__all__ = ["MaskHooks", "tensor_table"]
 
 
 def tensor_table(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[TensorInfo]]:
@@ -70,8 +66,7 @@ class MaskHooks:
     steps.
 
     A global threshold needs every flat tensor's gradient, but ZeRO builds, clips and steps them one
-    at a time (``tensor`` granularity does this too when what is held is small: one selection, one
-    set of all-reduces, per step). With ``republish`` (how DeepSpeed copies a flat tensor's fp32 weights back to the
+    at a time. With ``republish`` (how DeepSpeed copies a flat tensor's fp32 weights back to the
     model's weights), the hooks hold back the inner step of every flat tensor but the last (the step
     runs on an emptied param list: a no-op), keep their clipped gradients alive, and at the last one
     select over all of them, replay the held steps exactly as DeepSpeed set them up, and republish
@@ -90,8 +85,7 @@ class MaskHooks:
         self.republish = layout.republish
         self._local = layout.local or (lambda tensor: tensor)
         with_units = {key for key, flat in self.flats.items() if engine.units_of(flat.tensors)}
-        self._together = len(with_units) > 1 and (
-            engine.options.granularity == "global" or self._cheap_to_hold(engine, with_units, layout.republish))
+        self._global_split = engine.options.granularity == "global" and len(with_units) > 1
         self._with_units = with_units
         self._to_come: set[int] = set()
         self._held_step = -1
@@ -104,19 +98,6 @@ class MaskHooks:
         for optimizer in layout.steppers:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
-
-    def _cheap_to_hold(self, engine: MaskEngine, with_units: set[int], republish) -> bool:
-        """``tensor`` granularity: whether to select every flat tensor's units in one call anyway,
-        as for a global threshold (one set of all-reduces per step instead of one per flat tensor).
-        Only when holding back all but the largest costs little: their gradients are at most
-        :data:`HOLD_FRACTION` of the maskable entries (the Trainer's two groups under ZeRO-1/2: the
-        matrices, then the small norms and biases). Decided from the tensors' full sizes, so every
-        rank decides alike. The thresholds do not depend on it: tensors are units on their own."""
-        if republish is None:
-            return False
-        sizes = [sum(engine.tensors[t].numel for t in self.flats[key].tensors if engine.unit_of[t] >= 0)
-                 for key in with_units]
-        return sum(sizes) - max(sizes) <= HOLD_FRACTION * sum(sizes)
 
     def _stepped(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         return [
@@ -139,7 +120,7 @@ class MaskHooks:
         if self._replaying:
             return
         stepped = self._stepped(optimizer)
-        if self._together and any(id(p) in self._with_units for p in stepped):
+        if self._global_split and any(id(p) in self._with_units for p in stepped):
             step = self.current_step()
             if not self._to_come:
                 self._to_come, self._held_step = set(self._with_units), step
