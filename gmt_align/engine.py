@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masked_weights import MaskedWeights, Packed, entries
+from .masked_weights import MaskedWeights, Packed, entries, marks_needed
 from .radix import NonFiniteGradientError, Reduce
 from .rules import rule_for
 from .selection import keep_count
@@ -201,12 +201,20 @@ class MaskEngine:
         """Pack the weights of the masked entries of ``fragments`` (masked by this apply) aside."""
         if self._packed_pending == 0:
             self.masked_weights.release()
-        counted = []
-        for fragment in fragments:
-            if fragment.weight.numel():
-                threshold = self.threshold_of(fragment)
-                counted.append((fragment, threshold,
-                                self.rule.count_masked(fragment, threshold, self.step, self.masked_weights)))
+        fragments = [fragment for fragment in fragments if fragment.weight.numel()]
+        store = self.masked_weights  # room for all fragments at once: one buffer each, not one per fragment
+        if self.rule.gradient_is_kept_mask:  # the magnitude rule: fp32 CPU fragments take marks
+            marks = sum(marks_needed(f.weight, f.grad) + 1 for f in fragments)
+            if marks > len(fragments):
+                store.reserve(marks, torch.device("cpu"), torch.int16)
+        counted = [(f, self.threshold_of(f)) for f in fragments]
+        counted = [(f, threshold, self.rule.count_masked(f, threshold, self.step, store)) for f, threshold in counted]
+        totals: dict[tuple, int] = {}
+        for fragment, _, packed in counted:
+            key = (fragment.weight.device, fragment.weight.dtype)
+            totals[key] = totals.get(key, 0) + entries(packed) + 1
+        for (device, dtype), total in totals.items():
+            store.reserve(total, device, dtype)
         for fragment, threshold, packed in counted:
             weight = fragment.weight
             packed.values = self.masked_weights.take(entries(packed), weight.device, weight.dtype)

@@ -69,18 +69,24 @@ class MaskedWeights:
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.used: dict[tuple, int] = {}
 
-    def take(self, entries: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A view of ``entries + 1`` free entries. A buffer too small is replaced by one 1/32 larger
-        than asked, so a count that creeps up does not reallocate each step; views still held keep
-        the old one alive until they are restored."""
+    def reserve(self, entries: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Make room for ``entries`` more entries, taken by later :meth:`take` calls of this apply. A
+        buffer too small is replaced by one 1/32 larger than needed, so a count that creeps up does
+        not reallocate each step; views still held keep the old one alive until they are restored."""
         key = (device, dtype)
         held, used = self.buffers.get(key), self.used.get(key, 0)
-        if held is None or held.numel() < used + entries + 1:
+        if held is None or held.numel() < used + entries:
             self.buffers.pop(key, None)  # dropped before the new one is made: never both, if nothing is pending
-            held = self.buffers[key] = torch.empty(entries + entries // 32 + 16, dtype=dtype, device=device)
-            used = 0
-        self.used[key] = used + entries
-        return held[used : used + entries + 1]
+            self.buffers[key] = torch.empty(entries + entries // 32 + 16, dtype=dtype, device=device)
+            self.used[key] = 0
+
+    def take(self, entries: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A view of ``entries + 1`` free entries (one to spare), from what :meth:`reserve` made room for."""
+        self.reserve(entries + 1, device, dtype)
+        key = (device, dtype)
+        used = self.used.get(key, 0)
+        self.used[key] = used + entries + 1
+        return self.buffers[key][used : used + entries + 1]
 
     def release(self) -> None:
         self.used.clear()
@@ -119,6 +125,11 @@ def _load():
         return None
 
 
+def marks_needed(weight: torch.Tensor, grad: torch.Tensor) -> int:
+    """The int16 words of marks that :func:`count_below` takes for this fragment (the C++ path's)."""
+    return (grad.numel() + 15) // 16 if _cpp_for(weight, grad) is not None else 0
+
+
 def _cpp_for(weight: torch.Tensor, grad: torch.Tensor):
     if weight.device.type == "cpu" and weight.dtype == grad.dtype == torch.float32 \
             and weight.is_contiguous() and grad.is_contiguous():
@@ -140,7 +151,7 @@ def count_below(weight: torch.Tensor, grad: torch.Tensor, threshold: int, store:
     cpp = _cpp_for(weight, grad)
     if cpp is not None:
         words = (grad.numel() + 15) // 16
-        words = store.take(words, grad.device, torch.int16) if store else torch.empty(words, dtype=torch.int16)
+        words = store.take(words, grad.device, torch.int16)[:words] if store else torch.empty(words, dtype=torch.int16)
         return Packed(torch.empty(0), offsets=cpp.mark_masked(grad, threshold, words), words=words)
     return Packed(torch.empty(0), counts=[int(mask.sum()) for mask in _below(grad, threshold)])
 
