@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .masked_weights import MaskedWeights, Packed, entries, marks_needed
 from .radix import NonFiniteGradientError, Reduce
 from .rules import rule_for
 from .selection import keep_count
@@ -69,8 +70,8 @@ class Fragment:
     offset: int
     grad: torch.Tensor
     weight: torch.Tensor
-    # update mode: the weights before the step, from MaskEngine.apply until restore.
-    _saved: torch.Tensor | None = field(default=None, repr=False)
+    # update mode: the masked entries' weights before the step, from MaskEngine.apply until restore.
+    _saved: Packed | None = field(default=None, repr=False)
 
 
 def excluded(names: Sequence[str], patterns: Sequence[str]) -> bool:
@@ -89,7 +90,9 @@ class MaskEngine:
         # ``observers`` once their gradients are masked. MaskTelemetry hooks in here.
         self.before_mask: list = []
         self.observers: list = []
-        self._saved_buffers: dict[tuple, torch.Tensor] = {}  # update mode: the weights before the step
+        self.masked_weights = MaskedWeights()  # update mode: the masked weights, packed, across the step
+        self._saved_buffers = self.masked_weights.buffers  # what benchmarks/mask_overhead.py counts as held
+        self._packed_pending = 0  # fragments packed and not yet restored
         self.recorded: list[tuple[int, int, torch.Tensor]] = []
         self.tensors = list(tensors)
         self.reduce = reduce
@@ -147,7 +150,7 @@ class MaskEngine:
     def apply(self, fragments: Sequence[Fragment], step: int, units: Sequence[int] | None = None) -> torch.Tensor:
         """Select each unit's threshold over ``fragments`` and mask their gradients in place.
 
-        In ``update`` mode the weights of the fragments are kept aside for :meth:`restore`. Every
+        In ``update`` mode the masked entries' weights are kept aside for :meth:`restore`. Every
         process must pass the same ``units`` (default: all), even one that holds no fragment of
         them: the counts reduced across processes have one row per unit. Returns the thresholds.
         """
@@ -155,19 +158,13 @@ class MaskEngine:
         if step != self.step:
             self.step = step
             self.steps_since_log += 1
+            self._packed_pending = 0  # packs of an earlier step that were never restored are dropped
         row_of = {unit: row for row, unit in enumerate(units)}
         by_row: list[list[Fragment]] = [[] for _ in units]
         for fragment in fragments:
             row = row_of.get(self.unit_of[fragment.tensor_id])
             if row is not None:
                 by_row[row].append(fragment)
-        if self.options.mode == "update":  # one buffer per fragment, reused every step
-            for group in by_row:
-                for fragment in group:
-                    key = (fragment.tensor_id, fragment.offset, fragment.weight.numel(), fragment.weight.device)
-                    if key not in self._saved_buffers:
-                        self._saved_buffers[key] = torch.empty_like(fragment.weight)
-                    fragment._saved = self._saved_buffers[key].copy_(fragment.weight)
         names = [self.unit_names[u] for u in units]
         keep = [self.keep[u] for u in units]
         if self.before_mask:
@@ -181,6 +178,8 @@ class MaskEngine:
             self.kept_counts.index_add_(0, torch.tensor(ids), torch.tensor([c for counts in kept for c in counts]))
         self.thresholds[units] = thresholds
         masked_now = [f for group in by_row for f in group]
+        if self.options.mode == "update":
+            self._pack_masked(masked_now)
         if self.record_masks:
             for fragment in masked_now:
                 self.recorded.append((fragment.tensor_id, fragment.offset, self.kept_mask(fragment).clone()))
@@ -197,7 +196,32 @@ class MaskEngine:
         step ends), as the selection rule finds it again (from the masked gradient, or the scores)."""
         return self.rule.kept_mask(fragment, self.threshold_of(fragment), self.step)
 
-    # --- restore (update mode) -------------------------------------------------------------------
+    # --- update mode: pack before the step, restore after it ----------------------------------------
+    def _pack_masked(self, fragments: Sequence[Fragment]) -> None:
+        """Pack the weights of the masked entries of ``fragments`` (masked by this apply) aside."""
+        if self._packed_pending == 0:
+            self.masked_weights.release()
+        fragments = [fragment for fragment in fragments if fragment.weight.numel()]
+        store = self.masked_weights  # room for all fragments at once: one buffer each, not one per fragment
+        if self.rule.gradient_is_kept_mask:  # the magnitude rule: fp32 CPU fragments take marks
+            marks = sum(marks_needed(f.weight, f.grad) + 1 for f in fragments)
+            if marks > len(fragments):
+                store.reserve(marks, torch.device("cpu"), torch.int16)
+        counted = [(f, self.threshold_of(f)) for f in fragments]
+        counted = [(f, threshold, self.rule.count_masked(f, threshold, self.step, store)) for f, threshold in counted]
+        totals: dict[tuple, int] = {}
+        for fragment, _, packed in counted:
+            key = (fragment.weight.device, fragment.weight.dtype)
+            totals[key] = totals.get(key, 0) + entries(packed) + 1
+        for (device, dtype), total in totals.items():
+            store.reserve(total, device, dtype)
+        for fragment, threshold, packed in counted:
+            weight = fragment.weight
+            packed.values = self.masked_weights.take(entries(packed), weight.device, weight.dtype)
+            self.rule.pack(fragment, threshold, self.step, packed)
+            fragment._saved = packed
+            self._packed_pending += 1
+
     def restore(self, fragments: Sequence[Fragment]) -> None:
         """After the optimizer step: write back the masked weights kept aside by :meth:`apply`, bit
         for bit. The masked entries are found again from the gradient, which the optimizer reads
@@ -206,6 +230,7 @@ class MaskEngine:
             if fragment._saved is not None:
                 self.rule.restore(fragment, fragment._saved, self.threshold_of(fragment), self.step)
                 fragment._saved = None
+                self._packed_pending -= 1
 
     # --- counts for the figures (MaskTelemetry owns the figures and reduces these) ----------------
     def take_counts(self) -> tuple[torch.Tensor, int]:

@@ -8,7 +8,6 @@ of ``|g|`` as float32, which orders exactly like the value.
 - :func:`count_at_least` — how many entries are ``>= probe`` for a few probes (one read);
 - :func:`mask_candidates` — zero the entries below ``lo`` in place and return the entries in
   ``[lo, hi)`` (positions and bit patterns): one read-modify-write;
-- :func:`restore_masked` — ``update`` mode: put back the saved weights where ``|g| < threshold``.
 
 Three implementations give the same results:
 
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["BLOCK", "compiled", "count_at_least", "cpp_build_directory", "cpp_built", "cpp_capability", "cpp_kernels",
-           "mask_and_flag", "mask_candidates", "restore_masked"]
+           "mask_and_flag", "mask_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +65,7 @@ def _mask_flag(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torc
     return ((bits >= lo) & (bits < hi)).any(1)
 
 
-def _restore(weight: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor, threshold: torch.Tensor) -> None:
-    weight.copy_(torch.where(_bits(grad) >= threshold, weight, saved))
-
-
-_EAGER = {"count": _count, "mask_flag": _mask_flag, "restore": _restore}
+_EAGER = {"count": _count, "mask_flag": _mask_flag}
 _COMPILED: dict[str, Callable] = {}
 _FAILED: set[str] = set()
 
@@ -252,7 +247,3 @@ def mask_candidates(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, to
     return torch.cat(positions), torch.cat(values)
 
 
-def restore_masked(weight: torch.Tensor, saved: torch.Tensor, grad: torch.Tensor, threshold: int) -> None:
-    """``weight[i] = saved[i]`` wherever ``bits(|grad[i]|) < threshold`` (the masked entries)."""
-    if weight.numel():
-        _run("restore", weight, saved, grad, torch.tensor(threshold, dtype=torch.int32, device=grad.device))

@@ -8,8 +8,10 @@ the units being selected, grouped by unit:
   patterns as int64) and the kept count of every fragment;
 - :meth:`~SelectionRule.kept_mask` — which entries of a fragment the last selection kept (until the
   optimizer step ends: optimizers read the gradient but do not change it);
-- :meth:`~SelectionRule.restore` — ``update`` mode, after the step: write the weights saved before
-  the step back into the masked entries, bit for bit.
+- :meth:`~SelectionRule.count_masked`, :meth:`~SelectionRule.pack` and :meth:`~SelectionRule.restore`
+  — ``update`` mode: count and pack a fragment's masked weights after selection, and write them back
+  after the step, bit for bit (:mod:`gmt_align.masked_weights`; the masked entries are found again
+  each time, from the masked gradient or the scores, so no index is kept).
 
 Both keep entries whose score's bit pattern is ``>= T``. ``magnitude``: score = |g|, and T is at
 least the smallest positive float, so a kept entry has a non-zero gradient and a masked one a zero
@@ -27,7 +29,7 @@ from typing import Protocol
 import torch
 
 from .batch_kernels import random_range
-from .kernels import restore_masked
+from .masked_weights import MaskedWeights, Packed, count_below, pack_below, pack_where, unpack_below, unpack_where
 from .radix import Reduce
 from .selection import select_and_mask
 
@@ -44,7 +46,11 @@ class SelectionRule(Protocol):
 
     def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor: ...
 
-    def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None: ...
+    def count_masked(self, fragment, threshold: int, step: int, store: MaskedWeights | None = None) -> Packed: ...
+
+    def pack(self, fragment, threshold: int, step: int, packed: Packed) -> None: ...
+
+    def restore(self, fragment, packed: Packed, threshold: int, step: int) -> None: ...
 
 
 class MagnitudeRule:
@@ -61,8 +67,15 @@ class MagnitudeRule:
         # kept: |g| >= T >= smallest positive; masked entries are 0
         return fragment.grad.float().abs().view(torch.int32) >= threshold
 
-    def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None:
-        restore_masked(fragment.weight, saved, fragment.grad, threshold)  # masked: |g| < T
+    # masked: bits(|g|) < T (i.e. g == 0 once masked)
+    def count_masked(self, fragment, threshold: int, step: int, store: MaskedWeights | None = None) -> Packed:
+        return count_below(fragment.weight, fragment.grad, threshold, store)
+
+    def pack(self, fragment, threshold: int, step: int, packed: Packed) -> None:
+        pack_below(fragment.weight, fragment.grad, threshold, packed)
+
+    def restore(self, fragment, packed: Packed, threshold: int, step: int) -> None:
+        unpack_below(fragment.weight, fragment.grad, threshold, packed)
 
 
 class RandomRule:
@@ -93,9 +106,18 @@ class RandomRule:
         return torch.cat([c.view(torch.int32) >= threshold for c in self.scores(fragment, step)]
                          or [torch.zeros(0, dtype=torch.bool, device=fragment.grad.device)])
 
-    def restore(self, fragment, saved: torch.Tensor, threshold: int, step: int) -> None:
-        masked = ~self.kept_mask(fragment, threshold, step).to(fragment.weight.device)
-        fragment.weight[masked] = saved[masked]
+    def _masked(self, fragment, threshold: int, step: int) -> Iterator[torch.Tensor]:
+        for scores in self.scores(fragment, step):
+            yield scores.view(torch.int32) < threshold
+
+    def count_masked(self, fragment, threshold: int, step: int, store: MaskedWeights | None = None) -> Packed:
+        return Packed(torch.empty(0), counts=[int(m.sum()) for m in self._masked(fragment, threshold, step)])
+
+    def pack(self, fragment, threshold: int, step: int, packed: Packed) -> None:
+        pack_where(fragment.weight, self._masked(fragment, threshold, step), packed)
+
+    def restore(self, fragment, packed: Packed, threshold: int, step: int) -> None:
+        unpack_where(fragment.weight, self._masked(fragment, threshold, step), packed)
 
 
 def rule_for(selection: str, seed: int) -> SelectionRule:
