@@ -111,19 +111,10 @@ def preference_pairs(problems: Sequence[Any], seed: int) -> list[str]:
     """A rejected answer for each held-out problem, by the quickstart's rule for its training pairs
     (the correct number plus one of -10, -2, -1, 1, 2, 10, checked wrong by the task's scorer),
     drawn from a generator of its own: prefix-stable, and the same for every model."""
-    from .quickstart import _WRONG_OFFSETS
+    from .quickstart import near_miss
 
     rng = random.Random(f"dpo-eval/{seed}")
-    rejected = []
-    for p in problems:
-        for _ in range(100):
-            wrong = str(int(p.answer) + rng.choice(_WRONG_OFFSETS))
-            if p.score(wrong) < 1.0:
-                break
-        else:
-            raise ValueError(f"{p.task}: no rejected answer found for {p.prompt!r}")
-        rejected.append(wrong)
-    return rejected
+    return [near_miss(p, rng) for p in problems]
 
 
 def evaluate_teacher_forced(model_dir: str | Path, task: str, metric: str, *, n: int | None = None,

@@ -65,6 +65,16 @@ TASK_CONFIGS: dict[str, dict[str, Any]] = {
 _WRONG_OFFSETS = (-10, -2, -1, 1, 2, 10)
 
 
+def near_miss(problem, rng: random.Random) -> str:
+    """A wrong answer close to the right one: the correct number plus one of ``_WRONG_OFFSETS``,
+    checked wrong by the task's own scorer (so a scorer quirk never makes it right)."""
+    for _ in range(100):
+        wrong = str(int(problem.answer) + rng.choice(_WRONG_OFFSETS))
+        if problem.score(wrong) < 1.0:
+            return wrong
+    raise ValueError(f"{problem.task}: no rejected answer found for {problem.prompt!r}")
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -234,12 +244,7 @@ def make_dpo_dataset(
     for p in make_problems(n, seed=seed, tasks=tasks):
         if p.score(p.answer) != 1.0:
             raise ValueError(f"{p.task}: reference answer {p.answer!r} does not score 1.0")
-        for _ in range(100):
-            wrong = str(int(p.answer) + rng.choice(_WRONG_OFFSETS))
-            if p.score(wrong) < 1.0:
-                break
-        else:
-            raise ValueError(f"{p.task}: no rejected answer found for {p.prompt!r}")
+        wrong = near_miss(p, rng)
         rows.append({
             "prompt": [{"role": "user", "content": p.prompt}],
             "chosen": [{"role": "assistant", "content": p.answer}],
