@@ -85,15 +85,12 @@ class MaskEngine:
     def __init__(self, options: MaskOptions, tensors: Sequence[TensorInfo], reduce: Reduce | None = None):
         self.options = options
         self.rule = rule_for(options.selection, options.seed)  # magnitude or random, chosen once
-        self.record_masks = False  # tests: keep (tensor_id, offset, kept) of every apply() from then on
         # Called in every apply() with (the fragments, step): ``before_mask`` before selection,
         # ``observers`` once their gradients are masked. MaskTelemetry hooks in here.
         self.before_mask: list = []
         self.observers: list = []
         self.masked_weights = MaskedWeights()  # update mode: the masked weights, packed, across the step
-        self._saved_buffers = self.masked_weights.buffers  # what benchmarks/mask_overhead.py counts as held
         self._packed_pending = 0  # fragments packed and not yet restored
-        self.recorded: list[tuple[int, int, torch.Tensor]] = []
         self.tensors = list(tensors)
         self.reduce = reduce
         self.maskable = [not excluded(t.names, options.exclude) for t in self.tensors]
@@ -180,9 +177,6 @@ class MaskEngine:
         masked_now = [f for group in by_row for f in group]
         if self.options.mode == "update":
             self._pack_masked(masked_now)
-        if self.record_masks:
-            for fragment in masked_now:
-                self.recorded.append((fragment.tensor_id, fragment.offset, self.kept_mask(fragment).clone()))
         for observer in self.observers:
             observer(masked_now, self.step)
         return thresholds

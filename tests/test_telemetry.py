@@ -35,6 +35,7 @@ from gmt_align.telemetry import (
     squared_norms,
 )
 from multirank.launch import ROOT
+from multirank.recording import record_masks
 from quickstart_runs import run_recipe
 from test_trainers import COMMON, sft_data, tiny_llama
 
@@ -178,7 +179,7 @@ def test_per_group_figures_match_the_recorded_masks_across_chunk_boundaries(monk
                for i, (kind, n) in enumerate([("up_proj", 300), ("down_proj", 70), ("up_proj", 1000), ("gate_proj", 130)])]
     engine = MaskEngine(MaskOptions(0.5), tensors)
     telemetry = MaskTelemetry(engine)
-    engine.record_masks = True
+    recorded = record_masks(engine)
     generator = torch.Generator().manual_seed(0)
     energy, energy_kept = torch.zeros(len(tensors), dtype=torch.float64), torch.zeros(len(tensors), dtype=torch.float64)
     for step in range(3):
@@ -189,7 +190,7 @@ def test_per_group_figures_match_the_recorded_masks_across_chunk_boundaries(monk
         for t, g in enumerate(grads):
             energy_kept[t] += g.double().square().sum()  # masked in place: what is left was kept
     figures = telemetry.pop_figures()
-    kept = [[m for tensor_id, _, m in engine.recorded if tensor_id == t] for t in range(len(tensors))]
+    kept = [[m for tensor_id, _, m in recorded if tensor_id == t] for t in range(len(tensors))]
     changed = [sum(int((a != b).sum()) for a, b in zip(k, k[1:])) for k in kept]
     covered = [int((k[0] | k[1] | k[2]).sum()) for k in kept]
     for group, members in {"block_00": [0, 2], "block_01": [1, 3], "up_proj": [0, 2], "down_proj": [1],

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from gmt_align.adapters import attach
+from recording import record_masks
 from gmt_align.adapters.fsdp2 import contract_missing
 from gmt_align.engine import MaskOptions
 from gmt_align.rules import random_chunks
@@ -108,11 +109,11 @@ def resume_case(case, rank, world):
 
     def second_step(model, optimizer):
         hooks = attach(optimizer, model, mask_options(case), lambda: 1)
-        hooks.engine.record_masks = True
+        recorded = record_masks(hooks.engine)
         train_step(model, optimizer, rank, 1)
         hooks.detach()
         weights = {n: p.full_tensor() for n, p in model.named_parameters()}
-        return weights, [(t, o, kept.tolist()) for t, o, kept in hooks.engine.recorded]
+        return weights, [(t, o, kept.tolist()) for t, o, kept in recorded]
 
     model, optimizer = build()
     hooks = attach(optimizer, model, mask_options(case), lambda: 0)
@@ -167,7 +168,7 @@ def run_case(case, rank, world):
             return {"case": case, "error": f"{type(error).__name__}: {error}"}
         return {"case": case, "attached": True}
     adapter = attach(optimizer, model, options, lambda: 0)
-    adapter.engine.record_masks = True
+    recorded = record_masks(adapter.engine)
     telemetry = MaskTelemetry(adapter.engine, per_entry=True)
     assert [i.names[0] for i in adapter.engine.tensors] == names
 
@@ -205,7 +206,7 @@ def run_case(case, rank, world):
     stats = telemetry.pop_figures()
 
     # Gather what each rank masked (test only: GMT itself never gathers).
-    pieces = [(tid, offset, kept.tolist()) for tid, offset, kept in adapter.engine.recorded]
+    pieces = [(tid, offset, kept.tolist()) for tid, offset, kept in recorded]
     everyone = [None] * world
     dist.all_gather_object(everyone, (rank, pieces))
     replicas = case.get("mesh", [1, world])[0]

@@ -20,6 +20,7 @@ from gmt_align.adapters import DEEPSPEED_BACKENDS, attach
 from gmt_align.engine import MaskOptions
 from gmt_align.rules import random_chunks
 from gmt_align.selection import keep_count
+from recording import record_masks
 
 
 class Odd(nn.Module):
@@ -81,7 +82,7 @@ def run_case(case, rank, world):
         selection=case.get("selection", "magnitude"), seed=3, exclude=tuple(case.get("exclude", ())),
     )
     adapter = attach(zopt, engine.module, options, lambda: 0)
-    adapter.engine.record_masks = True
+    recorded = record_masks(adapter.engine)
     names = [info.names[0] for info in adapter.engine.tensors]
     params = dict(engine.module.named_parameters())
 
@@ -101,7 +102,7 @@ def run_case(case, rank, world):
                      for n in names}
     if case.get("dtype") == "fp16":  # the overflow step: nothing masked, nothing moved, on every rank
         counts = [None] * world
-        dist.all_gather_object(counts, len(adapter.engine.recorded))
+        dist.all_gather_object(counts, len(recorded))
         moved = any(not torch.equal(after[n], before[n]) for n in names)
         adapter.detach()
         return {"case": case, "kind": type(zopt).__name__, "overflow": bool(zopt.overflow),
@@ -114,7 +115,7 @@ def run_case(case, rank, world):
         full_grads = {n: g.mul_(1.0 / combined_scale) for n, g in full_grads.items()}
 
     # Gather what each rank masked (test only: GMT itself never gathers).
-    pieces = [(tid, offset, kept.tolist()) for tid, offset, kept in adapter.engine.recorded]
+    pieces = [(tid, offset, kept.tolist()) for tid, offset, kept in recorded]
     everyone = [None] * world
     dist.all_gather_object(everyone, pieces)
     kept_dist = {n: torch.full((full_grads[n].numel(),), -1, dtype=torch.int8) for n in names}
