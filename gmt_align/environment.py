@@ -3,7 +3,8 @@
 :func:`machine_problems` lists, one line each, what a recipe asks of the machine that it lacks:
 a package (``peft`` for ``use_peft``; ``bitsandbytes`` for ``load_in_4bit``/``load_in_8bit``;
 ``liger-kernel`` for ``use_liger_kernel``) or a GPU (QLoRA and Liger's Triton kernels need one; so
-does ``bf16``, TRL's default, unless ``use_cpu``). ``gmt-align sft|dpo`` refuses such a recipe
+does ``bf16``, TRL's default, unless ``use_cpu``), and a stale lock left in torch's extension folder
+by a killed build, on which the run would otherwise hang (:mod:`gmt_align.build_lock`). ``gmt-align sft|dpo`` refuses such a recipe
 before loading anything; ``gmt-align validate`` notes them (recipes are often checked on a login
 node for GPU nodes; ``--here`` makes them problems). :func:`model_option_problems` are the
 combinations that fail on any machine.
@@ -90,7 +91,9 @@ def machine_problems(training_args, model_args) -> list[str]:
                         option_value(training_args, "use_cpu"))
     if bf16:
         problems.append(bf16)
-    return problems
+    from .build_lock import stale_lock_problems
+
+    return problems + stale_lock_problems()
 
 
 def model_option_problems(model_args) -> list[str]:

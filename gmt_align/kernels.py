@@ -158,6 +158,9 @@ def _load_cpp():
 
         from torch.utils.cpp_extension import load
 
+        from .build_lock import refuse_stale_lock
+
+        refuse_stale_lock(cpp_build_directory())  # torch would wait on a killed build's lock forever
         if not cpp_built() and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, not per rank
             print(f"gmt-align: building the C++ CPU kernels once (~30 s) into {cpp_build_directory()}",
                   file=sys.stderr, flush=True)

@@ -114,6 +114,9 @@ def _load():
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
+        from .build_lock import refuse_stale_lock
+
+        refuse_stale_lock(_get_build_directory(name, verbose=False))  # else a killed build's lock: a hang
         if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists() \
                 and os.environ.get("LOCAL_RANK", "0") == "0":
             print("gmt-align: building the C++ kernels of update mode once (~20 s)", file=sys.stderr, flush=True)

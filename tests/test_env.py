@@ -1,5 +1,5 @@
-"""``gmt-align --version``, ``gmt-align env``, the line before the C++ kernels build, and the README's
-installation commands and default ratio."""
+"""``gmt-align --version``, ``gmt-align env``, the line before the C++ kernels build, a killed build's lock,
+and the README's installation commands and default ratio."""
 
 import re
 from pathlib import Path
@@ -53,6 +53,44 @@ def test_one_line_before_the_cpp_kernels_build(capsys, monkeypatch, tmp_path):
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == message  # another checkout's build
     (where / "build.ninja").write_text(f"build gmt_cpu.o: compile {built[0]['sources'][0]}\n")
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == ""  # up to date: loading says nothing
+
+
+
+def test_a_killed_builds_lock_is_refused_not_waited_on(capsys, caplog, monkeypatch, tmp_path):
+    """torch waits forever on the `lock` a killed build leaves; `gmt-align sft` refuses it in one line
+    before anything loads, and the C++ kernels' loader falls back instead of hanging. A lock in a
+    folder written to recently is a live build: left alone."""
+    import os
+    import time
+
+    from cli_helpers import recipe_writer, run
+
+    from gmt_align import kernels
+    from gmt_align.build_lock import stale_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    folder = tmp_path / "extensions" / "cpu_adam"
+    folder.mkdir(parents=True)
+    (folder / "build.ninja").write_text("")
+    (folder / "lock").touch()
+    recipe = recipe_writer(tmp_path)()
+    assert stale_lock(folder) is None  # a build that is writing now
+    assert stale_lock(folder, now=time.time() + 16 * 60) is not None
+    old = time.time() - 20 * 60
+    for entry in (folder / "build.ninja", folder / "lock", folder):
+        os.utime(entry, (old, old))
+    status, errors = run(capsys, "sft", "--config", recipe)
+    assert status == 2 and len(errors) == 1, errors
+    assert f"{folder / 'lock'} was left 20 min ago" in errors[0] and f"delete the folder {folder} " in errors[0]
+    assert not (tmp_path / "out").exists()
+
+    own = Path(kernels.cpp_build_directory())  # the kernels' own folder, killed mid-build
+    (own / "lock").touch()
+    for entry in (own / "lock", own):
+        os.utime(entry, (old, old))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: "would wait forever")
+    assert kernels._load_cpp() is None
+    assert "was left 20 min ago by a build that did not finish" in caplog.text and "using torch.compile" in caplog.text
 
 
 def test_readme_installation_names_real_extras():
