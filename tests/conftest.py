@@ -25,6 +25,16 @@ _bind_library_loggers_to_the_real_streams()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_sessionstart(session):
+    """A killed build's lock in the shared extension cache makes every test that loads that extension
+    (DeepSpeed's cpu_adam, its comm) wait forever: stop at once and say which folder to delete."""
+    from gmt_align.build_lock import stale_lock_problems
+
+    problems = stale_lock_problems()
+    if problems:
+        pytest.exit("; ".join(problems), returncode=2)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted once into the shared repo cache."""
