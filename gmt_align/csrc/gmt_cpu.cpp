@@ -293,22 +293,33 @@ struct Aside {
 // The kept weights of one work item, packed in order in `local`; how many. With AVX-512 the bits come
 // straight off the comparison masks, and 16 weights are compressed in a register at a time.
 struct Keeper {
-  const Aside* aside;
-  float* local;
+  const float* __restrict weight;
+  uint16_t* __restrict words;
+  float* __restrict local;
   int64_t held = 0;
   inline void lanes(int64_t i, uint32_t zeroed, int64_t count) {  // entries i .. i + count - 1 (<= 16)
-    aside->words[i / LANES] = static_cast<uint16_t>(zeroed);
+    words[i / LANES] = static_cast<uint16_t>(zeroed);
 #ifdef __AVX512F__
     if (count == LANES) {
-      _mm512_storeu_ps(local + held, _mm512_maskz_compress_ps(static_cast<__mmask16>(zeroed),
-                                                                _mm512_loadu_ps(aside->weight + i)));
+      _mm512_storeu_ps(local + held, _mm512_maskz_compress_ps(static_cast<__mmask16>(zeroed), _mm512_loadu_ps(weight + i)));
       held += __builtin_popcount(zeroed);
       return;
     }
 #endif
-    for (; zeroed; zeroed &= zeroed - 1) local[held++] = aside->weight[i + __builtin_ctz(zeroed)];
+    for (; zeroed; zeroed &= zeroed - 1) local[held++] = weight[i + __builtin_ctz(zeroed)];
   }
 };
+
+// dst[0, count) = src[0, count): whole cache lines with non-temporal stores where the CPU has AVX-512
+// (the packed weights are not read again before the optimizer step; ~1 ms less per 33.75M entries).
+inline void copy_out(float* dst, const float* src, int64_t count) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  for (; j < count && (reinterpret_cast<uintptr_t>(dst + j) & 63); ++j) dst[j] = src[j];
+  for (; j + LANES <= count; j += LANES) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+#endif
+  for (; j < count; ++j) dst[j] = src[j];
+}
 
 template <bool RANDOM, bool ASIDE>
 void mask_pieces(const std::vector<Piece>& ps, const int64_t* lo, const int64_t* hi,
@@ -322,7 +333,7 @@ void mask_pieces(const std::vector<Piece>& ps, const int64_t* lo, const int64_t*
       const Piece& p = ps[k];
       float* data = p.data;
       const bool aside = ASIDE && asides[k].weight != nullptr;
-      Keeper keeper{ASIDE ? &asides[k] : nullptr, local};
+      Keeper keeper{aside ? asides[k].weight : nullptr, aside ? asides[k].words : nullptr, local};
       const int32_t lo32 = static_cast<int32_t>(std::min<int64_t>(lo[k], INT32_MAX));
       const int32_t hi32 = static_cast<int32_t>(std::min<int64_t>(hi[k], INT32_MAX));
       const int64_t start = (item - items.first[k]) * ITEM, stop = std::min(p.cols, start + ITEM);
@@ -401,10 +412,13 @@ void mask_pieces(const std::vector<Piece>& ps, const int64_t* lo, const int64_t*
         const Aside& a = asides[k];
         const int64_t at = used[k].fetch_add(keeper.held, std::memory_order_relaxed);
         const bool room = at + keeper.held <= a.capacity;
-        if (room) std::memcpy(a.values + at, local, static_cast<size_t>(keeper.held) * sizeof(float));
+        if (room) copy_out(a.values + at, local, keeper.held);
         a.starts[item - items.first[k]] = room ? static_cast<int32_t>(at) : -1;
       }
     }
+#ifdef __AVX512F__
+    if (ASIDE) _mm_sfence();  // the non-temporal stores are visible before the pass returns
+#endif
   });
 }
 
