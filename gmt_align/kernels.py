@@ -11,10 +11,10 @@ of ``|g|`` as float32, which orders exactly like the value.
 
 Three implementations give the same results:
 
-- **C++** (``gmt_align/csrc/gmt_cpu.cpp``, built into one module with ``csrc/masked_weights.cpp``) for fp32 gradients on the CPU, where selection calls them
-  once per pass for all its pieces (:mod:`gmt_align.batch_kernels`; the functions here are the
-  one-piece case): one pass each, vectorised
-  with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
+- **C++** (``gmt_align/csrc/gmt_cpu.cpp``; one module with ``csrc/masked_weights.cpp``, ``update``
+  mode's kernels) for fp32 gradients on the CPU, where selection calls them once per pass for all
+  its pieces (:mod:`gmt_align.batch_kernels`; the functions here are the one-piece case): one pass
+  each, vectorised with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
   with torch's own pool. It is compiled once with ``torch.utils.cpp_extension`` (about 25 s) into
   ``TORCH_EXTENSIONS_DIR``, under a name that holds the instruction set (``GMT_ALIGN_CPU_CAPABILITY``
   = ``AVX2`` or ``DEFAULT`` builds for less, e.g. for nodes of mixed CPUs). ``GMT_ALIGN_CPP=0`` skips it.

@@ -122,7 +122,8 @@ class Aside:
         store.reserve(sum((pieces[k].numel() + item - 1) // item + 1 for k in keep), cpu, torch.int32)
         empty = torch.zeros(0)
         weights, values = [empty] * len(pieces), [empty] * len(pieces)
-        words, starts = [torch.zeros(0, dtype=torch.int16)] * len(pieces), [torch.zeros(0, dtype=torch.int32)] * len(pieces)
+        words = [torch.zeros(0, dtype=torch.int16)] * len(pieces)
+        starts = [torch.zeros(0, dtype=torch.int32)] * len(pieces)
         for k in keep:
             n = pieces[k].numel()
             weights[k] = self.weights[k]

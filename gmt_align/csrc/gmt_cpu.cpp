@@ -301,7 +301,8 @@ struct Keeper {
     words[i / LANES] = static_cast<uint16_t>(zeroed);
 #ifdef __AVX512F__
     if (count == LANES) {
-      _mm512_storeu_ps(local + held, _mm512_maskz_compress_ps(static_cast<__mmask16>(zeroed), _mm512_loadu_ps(weight + i)));
+      const __m512 packed = _mm512_maskz_compress_ps(static_cast<__mmask16>(zeroed), _mm512_loadu_ps(weight + i));
+      _mm512_storeu_ps(local + held, packed);
       held += __builtin_popcount(zeroed);
       return;
     }

@@ -174,7 +174,8 @@ torch::Tensor save_zeroed(std::vector<torch::Tensor> weights, torch::Tensor coun
   check(thresholds, torch::kInt64, "thresholds");
   check(out_positions, torch::kInt32, "out_positions");
   check(out_values, torch::kFloat32, "out_values");
-  TORCH_CHECK(counts.numel() == pieces && thresholds.numel() == pieces, "save_zeroed: one count and threshold per piece");
+  TORCH_CHECK(counts.numel() == pieces && thresholds.numel() == pieces,
+              "save_zeroed: one count and threshold per piece");
   const int64_t* pp = positions.data_ptr<int64_t>();
   const int64_t* vp = scores.data_ptr<int64_t>();
   const int64_t* tp = thresholds.data_ptr<int64_t>();
@@ -187,7 +188,8 @@ torch::Tensor save_zeroed(std::vector<torch::Tensor> weights, torch::Tensor coun
     if (weights[k].numel()) {
       check(weights[k], torch::kFloat32, "weight");
       for (int64_t c = first[k]; c < first[k + 1]; ++c) {
-        TORCH_CHECK(pp[c] >= 0 && pp[c] < weights[k].numel() && pp[c] <= INT32_MAX, "save_zeroed: a position outside its weight");
+        TORCH_CHECK(pp[c] >= 0 && pp[c] < weights[k].numel() && pp[c] <= INT32_MAX,
+                    "save_zeroed: a position outside its weight");
         sp[k] += vp[c] < tp[k];
       }
     }
