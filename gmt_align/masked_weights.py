@@ -105,9 +105,10 @@ class Aside:
 
     def __init__(self, weights: Sequence[torch.Tensor | None], store: MaskedWeights):
         self.store = store
-        cpp = _cpp()
-        self.weights = [w if cpp is not None and w is not None and 0 < w.numel() < 2**31 and w.device.type == "cpu"
+        self.weights = [w if w is not None and 0 < w.numel() < 2**31 and w.device.type == "cpu"
                         and w.dtype == torch.float32 and w.is_contiguous() else None for w in weights]
+        if any(w is not None for w in self.weights) and _cpp() is None:  # (no build for GPU weights)
+            self.weights = [None] * len(weights)
         self.packs: list[Packed | None] = [None] * len(weights)
 
     def arguments(self, pieces: Sequence[torch.Tensor], below: Sequence[int], later: int) -> list:
