@@ -228,8 +228,9 @@ class MaskEngine:
 
     def restore(self, fragments: Sequence[Fragment]) -> None:
         """After the optimizer step: write back the masked weights kept aside by :meth:`apply`, bit
-        for bit. The masked entries are found again from the gradient, which the optimizer reads
-        but does not change (magnitude: |g| < T; random: the same position-keyed scores)."""
+        for bit. The masked entries are known from the bits the masking pass wrote (fp32 CPU
+        weights, all fragments in one call), or found again from the gradient, which the optimizer
+        reads but does not change (magnitude: |g| < T; random: the same position-keyed scores)."""
         kept_aside = [(f.weight, f._saved) for f in fragments if f._saved is not None and f._saved.starts is not None]
         restore_aside(kept_aside)  # all of them in one call
         for fragment in fragments:
