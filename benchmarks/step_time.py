@@ -1,7 +1,7 @@
 """End-to-end training-step time of GMT-SFT vs vanilla SFT on the quickstart model.
 
     .venv/bin/python benchmarks/step_time.py [--rounds 3] [--steps 4] [--ratio 0.2] [--granularity tensor]
-                                             [--zero 2]
+                                             [--zero 2|3]
 
 Runs the quickstart recipe (SmolLM2-135M-Instruct, fp32, per-device batch 4) with
 ``gradient_accumulation_steps 4`` and the same seed in both arms; ``vanilla`` is the same recipe
@@ -13,12 +13,10 @@ and optimizer step of one accumulation window). Prints per-run medians and ends 
 
     gmt_vs_vanilla=<median GMT step / median vanilla step>
 
-``--zero 2`` runs every arm as 2 CPU ranks (gloo, ``DS_ACCELERATOR=cpu``, one thread per rank,
-``--use_cpu true``) under ``ds_configs/zero2.json``, per-device batch 2 (the same global batch of
-4); rank 0's steps are timed. (ZeRO-3 launched this way stops in DeepSpeed's batch-size check,
-which sees a world of 1 process; not resolved yet.) Each run then prints the median of GMT's
-selection and masking per step too (``MaskEngine.apply``, summed over the groups or sub-groups of
-the step).
+``--zero 2`` (or ``3``) runs every arm as 2 CPU ranks (gloo, ``DS_ACCELERATOR=cpu``, one thread per
+rank, ``--use_cpu true``) under ``ds_configs/zero2.json`` (``zero3.json``), per-device batch 2 (the same
+global batch of 4); rank 0's steps are timed. Each run then prints the median of GMT's selection and
+masking per step too (``MaskEngine.apply``, summed over the groups or sub-groups of the step).
 
 Needs the quickstart model and data (``make quickstart`` or ``python -m gmt_align.quickstart``).
 """
@@ -83,6 +81,10 @@ def worker(args) -> None:
         "--gmt_mask_ratio", str(args.ratio), "--gmt_granularity", args.granularity, "--disable_tqdm", "true", *zero,
     ])
     training.model_init_kwargs = {"dtype": model.dtype}
+    if args.zero:  # as `gmt-align sft` does: ZeRO-3 builds the model inside zero.Init, which must see both ranks
+        from gmt_align.distributed import ensure_deepspeed_comm
+
+        ensure_deepspeed_comm(training)
     trainer = GMTSFTTrainer(model=model.model_name_or_path, args=training,
                             train_dataset=load_train_dataset(script), callbacks=[StepTimer()])
     owner.append(trainer)
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after one untimed)")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--granularity", default="tensor", choices=["tensor", "global"])
-    parser.add_argument("--zero", type=int, choices=[2], help="run each arm as 2 CPU ranks under this ZeRO stage")
+    parser.add_argument("--zero", type=int, choices=[2, 3], help="run each arm as 2 CPU ranks under this ZeRO stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--output_dir", help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from . import kernels
+from .masked_weights import Aside
 
 __all__ = ["count_many", "kth_largest_many", "mask_many", "random_bits", "random_range", "sample_picks",
            "zero_below_many"]
@@ -111,15 +112,28 @@ def count_many(views: Sequence[torch.Tensor], probes: torch.Tensor, keys: Sequen
 
 
 def mask_many(pieces: Sequence[torch.Tensor], lo: Sequence[int], hi: Sequence[int],
-              keys: Sequence[int] | None = None, offsets: Sequence[int] | None = None
+              keys: Sequence[int] | None = None, offsets: Sequence[int] | None = None,
+              aside: tuple[Aside, Sequence[int], int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place on each 1-D piece: zero the entries whose score is below ``lo[k]``. Returns the entries
     in ``[lo[k], hi[k])`` piece after piece (positions inside their piece and scores, int64, CPU,
-    ascending positions) and how many each piece gave (int64 ``[pieces]``)."""
+    ascending positions) and how many each piece gave (int64 ``[pieces]``).
+
+    ``aside`` (``update`` mode: an :class:`~gmt_align.masked_weights.Aside`, per piece how many
+    entries lie below ``lo``, and how many candidates may be zeroed later, at most): the C++ pass also
+    keeps the zeroed entries' weights
+    (:meth:`Aside.masked <gmt_align.masked_weights.Aside.masked>`); other paths leave that to the
+    caller."""
     cpp = _cpp_for(pieces)
     if cpp is not None and all(p.is_contiguous() for p in pieces):
-        return tuple(cpp.mask_many(list(pieces), *_keys(keys, offsets), torch.tensor(list(lo), dtype=torch.int64),
-                                   torch.tensor(list(hi), dtype=torch.int64)))
+        bounds = torch.tensor(list(lo), dtype=torch.int64), torch.tensor(list(hi), dtype=torch.int64)
+        if aside is not None:
+            keeper, below, later = aside
+            *found, held = cpp.mask_many_aside(list(pieces), *_keys(keys, offsets), *bounds,
+                                               *keeper.arguments(pieces, below, later))
+            keeper.masked(held)
+            return tuple(found)
+        return tuple(cpp.mask_many(list(pieces), *_keys(keys, offsets), *bounds))
     positions, values, counts = [], [], []
     for k, piece in enumerate(pieces):
         if keys is None:

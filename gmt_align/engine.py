@@ -10,9 +10,10 @@ The engine then, with the selection rule chosen once from ``gmt_selection``
 
 1. :meth:`MaskEngine.apply` — finds each unit's threshold and zeroes the masked gradient entries
    in place (``magnitude``: :func:`gmt_align.selection.select_and_mask`, about two reads and one
-   write of the gradient; ``random``: :func:`gmt_align.radix.select_thresholds` over random
-   scores), collectively through ``reduce``, so every rank gets the single-process answer; in
-   ``update`` mode it keeps the weights aside;
+   write of the gradient; ``random``: the same passes over random scores), collectively through
+   ``reduce``, so every rank gets the single-process answer; in ``update`` mode it keeps the masked
+   entries' weights aside (fp32 CPU weights in the masking pass itself:
+   :class:`gmt_align.masked_weights.Aside`);
 2. :meth:`MaskEngine.restore` — after the optimizer step (``update`` mode), writes the masked
    weights back bit for bit.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masked_weights import MaskedWeights, Packed, entries, marks_needed
+from .masked_weights import Aside, MaskedWeights, Packed, entries, marks_needed, restore_aside
 from .radix import NonFiniteGradientError, Reduce
 from .rules import rule_for
 from .selection import keep_count
@@ -164,21 +165,29 @@ class MaskEngine:
                 by_row[row].append(fragment)
         names = [self.unit_names[u] for u in units]
         keep = [self.keep[u] for u in units]
-        if self.before_mask:
-            masking = [f for group in by_row for f in group]
-            for observer in self.before_mask:
-                observer(masking, self.step)
+        masking = [f for group in by_row for f in group]
+        for observer in self.before_mask:
+            observer(masking, self.step)
+        aside = None
+        if self.options.mode == "update":  # fp32 CPU weights are kept by the masking pass itself
+            if self._packed_pending == 0:
+                self.masked_weights.release()
+            aside = Aside([f.weight if f.weight.numel() == f.grad.numel() else None for f in masking],
+                          self.masked_weights)
         thresholds, kept = self.rule.select_and_mask(by_row, keep, [self.sizes[u] for u in units], self.reduce,
-                                                     names, self.step)
+                                                     names, self.step, aside)
         ids = [fragment.tensor_id for group in by_row for fragment in group]
         if ids:  # one add for all fragments (a model has hundreds)
             self.kept_counts.index_add_(0, torch.tensor(ids), torch.tensor([c for counts in kept for c in counts]))
         self.thresholds[units] = thresholds
-        masked_now = [f for group in by_row for f in group]
-        if self.options.mode == "update":
-            self._pack_masked(masked_now)
+        if aside is not None:
+            for fragment, packed in zip(masking, aside.packs):
+                if packed is not None:
+                    fragment._saved = packed
+                    self._packed_pending += 1
+            self._pack_masked([f for f, packed in zip(masking, aside.packs) if packed is None])
         for observer in self.observers:
-            observer(masked_now, self.step)
+            observer(masking, self.step)
         return thresholds
 
     def threshold_of(self, fragment: Fragment) -> int:
@@ -192,10 +201,11 @@ class MaskEngine:
 
     # --- update mode: pack before the step, restore after it ----------------------------------------
     def _pack_masked(self, fragments: Sequence[Fragment]) -> None:
-        """Pack the weights of the masked entries of ``fragments`` (masked by this apply) aside."""
-        if self._packed_pending == 0:
-            self.masked_weights.release()
+        """Pack the weights of the masked entries of ``fragments`` (masked by this apply) aside: those
+        the masking pass did not keep itself (not fp32 on the CPU, C++ kernels off)."""
         fragments = [fragment for fragment in fragments if fragment.weight.numel()]
+        if not fragments:
+            return
         store = self.masked_weights  # room for all fragments at once: one buffer each, not one per fragment
         if self.rule.gradient_is_kept_mask:  # the magnitude rule: fp32 CPU fragments take marks
             marks = sum(marks_needed(f.weight, f.grad) + 1 for f in fragments)
@@ -218,11 +228,15 @@ class MaskEngine:
 
     def restore(self, fragments: Sequence[Fragment]) -> None:
         """After the optimizer step: write back the masked weights kept aside by :meth:`apply`, bit
-        for bit. The masked entries are found again from the gradient, which the optimizer reads
-        but does not change (magnitude: |g| < T; random: the same position-keyed scores)."""
+        for bit. The masked entries are known from the bits the masking pass wrote (fp32 CPU
+        weights, all fragments in one call), or found again from the gradient, which the optimizer
+        reads but does not change (magnitude: |g| < T; random: the same position-keyed scores)."""
+        kept_aside = [(f.weight, f._saved) for f in fragments if f._saved is not None and f._saved.starts is not None]
+        restore_aside(kept_aside)  # all of them in one call
         for fragment in fragments:
             if fragment._saved is not None:
-                self.rule.restore(fragment, fragment._saved, self.threshold_of(fragment), self.step)
+                if fragment._saved.starts is None:
+                    self.rule.restore(fragment, fragment._saved, self.threshold_of(fragment), self.step)
                 fragment._saved = None
                 self._packed_pending -= 1
 

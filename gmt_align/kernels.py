@@ -11,10 +11,10 @@ of ``|g|`` as float32, which orders exactly like the value.
 
 Three implementations give the same results:
 
-- **C++** (``gmt_align/csrc/gmt_cpu.cpp``) for fp32 gradients on the CPU, where selection calls them
-  once per pass for all its pieces (:mod:`gmt_align.batch_kernels`; the functions here are the
-  one-piece case): one pass each, vectorised
-  with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
+- **C++** (``gmt_align/csrc/gmt_cpu.cpp``; one module with ``csrc/masked_weights.cpp``, ``update``
+  mode's kernels) for fp32 gradients on the CPU, where selection calls them once per pass for all
+  its pieces (:mod:`gmt_align.batch_kernels`; the functions here are the one-piece case): one pass
+  each, vectorised with the widest instructions torch reports (``torch.backends.cpu.get_cpu_capability()``), threaded
   with torch's own pool. It is compiled once with ``torch.utils.cpp_extension`` (about 25 s) into
   ``TORCH_EXTENSIONS_DIR``, under a name that holds the instruction set (``GMT_ALIGN_CPU_CAPABILITY``
   = ``AVX2`` or ``DEFAULT`` builds for less, e.g. for nodes of mixed CPUs). ``GMT_ALIGN_CPP=0`` skips it.
@@ -97,7 +97,8 @@ def _run(name: str, *args):
 
 _CPP: list = []  # [module or None], once loaded or refused
 _CPP_LOCK = threading.Lock()
-_CPP_SOURCE = Path(__file__).with_name("csrc") / "gmt_cpu.cpp"
+_CPP_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gmt_cpu.cpp", "masked_weights.cpp")]
+"""One module: the selection's passes, and update mode's packing (:mod:`gmt_align.masked_weights`)."""
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -128,7 +129,7 @@ def _cpp_name() -> str:
     TORCH_EXTENSIONS_DIR, where a concurrent build of the other could be loaded."""
     import hashlib
 
-    digest = hashlib.sha1(_CPP_SOURCE.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha1(b"".join(source.read_bytes() for source in _CPP_SOURCES)).hexdigest()[:10]
     return f"gmt_align_cpu_{cpp_capability().lower()}_{digest}"
 
 
@@ -143,11 +144,11 @@ def cpp_built() -> bool:
     """Whether loading the C++ kernels will not compile them: torch's JIT runs ninja, which rebuilds
     when the module is missing, when build.ninja names another copy of the source (another checkout
     sharing TORCH_EXTENSIONS_DIR), or when the source is newer than the module."""
-    build, source = Path(cpp_build_directory()), _CPP_SOURCE
+    build = Path(cpp_build_directory())
     module, ninja = build / f"{_cpp_name()}.so", build / "build.ninja"
     try:
-        return (module.stat().st_mtime >= source.stat().st_mtime
-                and f"compile {source}" in ninja.read_text())
+        return (module.stat().st_mtime >= max(source.stat().st_mtime for source in _CPP_SOURCES)
+                and f"compile {_CPP_SOURCES[0]}" in ninja.read_text())
     except OSError:
         return False
 
@@ -164,7 +165,7 @@ def _load_cpp():
         if not cpp_built() and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, not per rank
             print(f"gmt-align: building the C++ CPU kernels once (~30 s) into {cpp_build_directory()}",
                   file=sys.stderr, flush=True)
-        return load(name=_cpp_name(), sources=[str(_CPP_SOURCE)],
+        return load(name=_cpp_name(), sources=[str(source) for source in _CPP_SOURCES],
                     extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(cpp_capability(), [])])
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: the torch.compile kernels
         logger.warning("gmt-align: the C++ CPU kernels could not be built (%s); using torch.compile",

@@ -4,14 +4,16 @@ A rule does three things for the engine (:class:`gmt_align.engine.MaskEngine`), 
 the units being selected, grouped by unit:
 
 - :meth:`~SelectionRule.select_and_mask` — find each unit's threshold collectively (through
-  ``reduce``) and zero the masked gradient entries in place; returns the thresholds (int32 bit
+  ``reduce``) and zero the masked gradient entries in place (``update`` mode: keeping their weights
+  aside in the same pass, :class:`gmt_align.masked_weights.Aside`); returns the thresholds (int32 bit
   patterns as int64) and the kept count of every fragment;
 - :meth:`~SelectionRule.kept_mask` — which entries of a fragment the last selection kept (until the
   optimizer step ends: optimizers read the gradient but do not change it);
 - :meth:`~SelectionRule.count_masked`, :meth:`~SelectionRule.pack` and :meth:`~SelectionRule.restore`
-  — ``update`` mode: count and pack a fragment's masked weights after selection, and write them back
-  after the step, bit for bit (:mod:`gmt_align.masked_weights`; the masked entries are found again
-  each time, from the masked gradient or the scores, so no index is kept).
+  — ``update`` mode, for the weights the masking pass did not keep: count and pack a fragment's masked
+  weights after selection, and write them back after the step, bit for bit
+  (:mod:`gmt_align.masked_weights`; the masked entries are found again each time, from the masked
+  gradient or the scores, so no index is kept).
 
 Both keep entries whose score's bit pattern is ``>= T``. ``magnitude``: score = |g|, and T is at
 least the smallest positive float, so a kept entry has a non-zero gradient and a masked one a zero
@@ -29,7 +31,7 @@ from typing import Protocol
 import torch
 
 from .batch_kernels import random_range
-from .masked_weights import MaskedWeights, Packed, count_below, pack_below, pack_where, unpack_below, unpack_where
+from .masked_weights import Aside, MaskedWeights, Packed, count_below, pack_below, pack_where, unpack_below, unpack_where
 from .radix import Reduce
 from .selection import select_and_mask
 
@@ -41,7 +43,7 @@ class SelectionRule(Protocol):
     gradient_is_kept_mask: bool  # after masking, an entry is kept iff its gradient is non-zero
 
     def select_and_mask(self, rows: Sequence[Sequence], keep: Sequence[int], sizes: Sequence[int],
-                        reduce: Reduce | None, names: Sequence[str], step: int
+                        reduce: Reduce | None, names: Sequence[str], step: int, aside: Aside | None = None
                         ) -> tuple[torch.Tensor, list[list[int]]]: ...
 
     def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor: ...
@@ -59,9 +61,9 @@ class MagnitudeRule:
     reads_gradient = True
     gradient_is_kept_mask = True
 
-    def select_and_mask(self, rows, keep, sizes, reduce, names, step):
+    def select_and_mask(self, rows, keep, sizes, reduce, names, step, aside=None):
         grads = [[fragment.grad for fragment in row] for row in rows]
-        return select_and_mask(len(rows), grads.__getitem__, keep, sizes, reduce, names)
+        return select_and_mask(len(rows), grads.__getitem__, keep, sizes, reduce, names, aside=aside)
 
     def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor:
         # kept: |g| >= T >= smallest positive; masked entries are 0
@@ -96,11 +98,12 @@ class RandomRule:
         yield from random_chunks(self.seed, step, fragment.tensor_id, fragment.offset, fragment.grad.numel(),
                                  fragment.grad.device)
 
-    def select_and_mask(self, rows, keep, sizes, reduce, names, step):
+    def select_and_mask(self, rows, keep, sizes, reduce, names, step, aside=None):
         # the magnitude machinery over position-keyed scores: counted and masked without storing them
         grads = [[fragment.grad for fragment in row] for row in rows]
         keys = [[(self.key(fragment, step), fragment.offset) for fragment in row] for row in rows]
-        return select_and_mask(len(rows), grads.__getitem__, keep, sizes, reduce, names, random_keys=keys.__getitem__)
+        return select_and_mask(len(rows), grads.__getitem__, keep, sizes, reduce, names, random_keys=keys.__getitem__,
+                               aside=aside)
 
     def kept_mask(self, fragment, threshold: int, step: int) -> torch.Tensor:
         return torch.cat([c.view(torch.int32) >= threshold for c in self.scores(fragment, step)]

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from . import batch_kernels
+from .masked_weights import Aside
 from .brackets import PROBES, RUN, RUNS, Bracket, max_candidates, runs_of, sample_size, sample_stride
 from .radix import (
     INF_BITS,
@@ -85,6 +86,7 @@ def select_and_mask(
     reduce: Reduce | None = None,
     names: Sequence[str] | None = None,
     random_keys: Callable[[int], Sequence[tuple[int, int]]] | None = None,
+    aside: Aside | None = None,
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """Keep, in place, the ``keep[u]`` largest-|g| entries of each unit; zero the others.
 
@@ -96,6 +98,10 @@ def select_and_mask(
     With ``random_keys`` (``random`` selection), ``random_keys(u)`` gives each piece's (key, offset)
     and the score of an entry is :func:`gmt_align.batch_kernels.random_bits` of its position instead
     of |g|; T is then the exact ``keep[u]``-th largest score (no floor).
+
+    With ``aside`` (``update`` mode; its weights: one per piece, unit after unit), the masking pass
+    also keeps the weights of the entries it zeroes, and :func:`finish` those of the candidates it
+    zeroes: :class:`gmt_align.masked_weights.Aside`.
 
     Returns the thresholds (int64 bit patterns; +inf bits for ``keep 0``) and, per unit and piece,
     how many entries were kept. Collective through ``reduce`` like :func:`select_thresholds`;
@@ -110,8 +116,8 @@ def select_and_mask(
     brackets = {u: Bracket(int(sizes[u]), keep[u], len(parts[u])) for u in range(num_units) if keep[u] > 0}
     guess(brackets, flat, quantum, reduce)
     count(brackets, flat, quantum, reduce, names)
-    thresholds, kept, candidates = mask(brackets, flat, quantum)
-    finish(brackets, flat, candidates, thresholds, kept, alone, reduce)
+    thresholds, kept, candidates = mask(brackets, flat, quantum, aside)
+    finish(brackets, flat, candidates, thresholds, kept, alone, reduce, aside)
     return thresholds, kept
 
 
@@ -292,8 +298,10 @@ Candidates = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """Of every piece, one after the other: positions, bit patterns, and how many per piece."""
 
 
-def mask(brackets: dict[int, Bracket], flat: Pieces, quantum: int) -> tuple[torch.Tensor, list[list[int]], Candidates]:
-    """Zero below each bracket's ``lo`` and collect the candidates in ``[lo, hi)``: one batched call.
+def mask(brackets: dict[int, Bracket], flat: Pieces, quantum: int, aside: Aside | None = None
+         ) -> tuple[torch.Tensor, list[list[int]], Candidates]:
+    """Zero below each bracket's ``lo`` and collect the candidates in ``[lo, hi)``: one batched call
+    (with ``aside``, keeping the zeroed entries' weights in the same pass).
 
     Returns the thresholds known already (units that keep nothing: +inf bits; resolved brackets),
     the kept counts per unit and piece so far (the entries at or above ``hi``, or all kept entries
@@ -304,6 +312,7 @@ def mask(brackets: dict[int, Bracket], flat: Pieces, quantum: int) -> tuple[torc
     kept: list[list[int]] = [[0] * len(unit_parts) for unit_parts in parts]
     lo = [INF_BITS] * len(parts)
     hi = [INF_BITS] * len(parts)
+    at_lo: list[list[int]] = [[0] * len(unit_parts) for unit_parts in parts]  # entries >= lo, per piece
     for u, unit_parts in enumerate(parts):
         bracket = brackets.get(u)
         if bracket is None:  # keep nothing
@@ -316,19 +325,29 @@ def mask(brackets: dict[int, Bracket], flat: Pieces, quantum: int) -> tuple[torc
                 kept[u] = list(bracket.local_hi)
             else:  # random scores, threshold 0: everything
                 kept[u] = [p.numel() for p in unit_parts]
+            at_lo[u] = kept[u]
         else:
             kept[u] = list(bracket.local_hi)
             lo[u], hi[u] = bracket.lo, bracket.hi
+            at_lo[u] = [p.numel() if c is None else c for p, c in zip(unit_parts, bracket.local_lo)]
+    room = None
+    if aside is not None:  # per piece, the entries below lo, which the pass zeroes; and at most how many
+        # candidates finish() zeroes here: of a unit's c_lo - c_hi candidates it keeps keep - c_hi or more
+        below = [p.numel() - c for unit_parts, counts in zip(parts, at_lo) for p, c in zip(unit_parts, counts)]
+        later = sum(min(bracket.c_lo - bracket.keep, sum(at_lo[u]) - sum(kept[u]))
+                    for u, bracket in brackets.items() if lo[u] != hi[u])
+        room = aside, below, max(later, 0)
     candidates = batch_kernels.mask_many(flat.tensors, [lo[u] for u in flat.unit], [hi[u] for u in flat.unit],
-                                         flat.keys, flat.offsets)
+                                         flat.keys, flat.offsets, room)
     return thresholds, kept, candidates
 
 
 # --- 4. finish ---------------------------------------------------------------------------------------
 def finish(brackets: dict[int, Bracket], flat: Pieces, candidates: Candidates,
-           thresholds: torch.Tensor, kept: list[list[int]], alone: bool, reduce: Reduce) -> None:
-    """The exact threshold of each open unit among its candidates; zero the candidates below it.
-    Completes ``thresholds`` and ``kept`` in place."""
+           thresholds: torch.Tensor, kept: list[list[int]], alone: bool, reduce: Reduce,
+           aside: Aside | None = None) -> None:
+    """The exact threshold of each open unit among its candidates; zero the candidates below it (with
+    ``aside``, keeping their weights first). Completes ``thresholds`` and ``kept`` in place."""
     positions, values, per_piece = candidates
     open_units = sorted(u for u, bracket in brackets.items() if not bracket.resolved(flat.quantum))
     if not open_units:
@@ -348,6 +367,8 @@ def finish(brackets: dict[int, Bracket], flat: Pieces, candidates: Candidates,
                               dict(zip(open_units, need.tolist())), reduce)
         found = lo + torch.tensor([within[u] for u in open_units], dtype=torch.int64)
     thresholds[open_units] = found.clamp(min=flat.floor)
+    if aside is not None:
+        aside.zeroed(per_piece, positions, values, thresholds[piece_unit])
     kept_now = batch_kernels.zero_below_many(flat.tensors, per_piece, positions, values, thresholds[piece_unit])
     for index, count in enumerate(kept_now.tolist()):
         if count:

@@ -118,3 +118,65 @@ def test_random_selection_in_update_mode_keeps_its_masked_weights():
     engine.restore(fragments)
     assert torch.equal(param.data[masked].view(torch.int32), before[masked].view(torch.int32))
     assert (param.data != before)[~masked].all()
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "random"])
+def test_the_masking_pass_keeps_the_masked_weights_itself(selection, monkeypatch):
+    """fp32 CPU weights are kept by the selection's masking pass (one pass over gradient and weight), and
+    the candidates zeroed after it with their positions; on 2 threads, over fragments of odd sizes (one
+    tensor in two fragments, as ZeRO slices it). With too little room the pass keeps nothing and the
+    fragments are kept apart: the masked weights come back bit for bit either way."""
+    assert masked_weights._cpp() is not None, "the C++ kernels did not build"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sizes, split = [200_003, 70_001, 4_099, 17], 90_001
+        params = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n))) for n in sizes]
+        engine = MaskEngine(MaskOptions(mask_ratio=0.3, mode="update", selection=selection),
+                            [TensorInfo((f"w{i}",), n) for i, n in enumerate(sizes)])
+        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        for step, room in enumerate(["enough", "enough", "too little"]):
+            if room == "too little":
+                arguments = masked_weights.Aside.arguments
+                monkeypatch.setattr(masked_weights.Aside, "arguments", lambda self, *a: _shrunk(arguments(self, *a)))
+            for p in params:
+                p.grad = gradient(p.numel()).roll(step)
+            fragments = [Fragment(0, 0, params[0].grad[:split], params[0].data[:split]),
+                         Fragment(0, split, params[0].grad[split:], params[0].data[split:])]
+            fragments += [Fragment(i, 0, p.grad, p.data) for i, p in enumerate(params) if i]
+            before = [p.detach().clone() for p in params]
+            engine.apply(fragments, step)
+            packs = [f._saved for f in fragments]
+            if room == "enough":
+                assert all(p.starts is not None for p in packs)
+                if selection == "magnitude":  # the big tensors' brackets stay open: candidates zeroed later
+                    assert sum(p.positions.numel() for p in packs) > 0
+            else:  # (a fragment with nothing below lo needs no room)
+                assert sum(p.starts is None for p in packs) >= 3
+            masked = [~torch.cat([engine.kept_mask(f) for f in fragments[:2]])] + \
+                [~engine.kept_mask(f) for f in fragments[2:]]
+            optimizer.step()
+            engine.restore(fragments)
+            for p, was, m in zip(params, before, masked):
+                assert 0 < int(m.sum()) < m.numel() or m.numel() < 100
+                assert torch.equal(p.data[m].view(torch.int32), was[m].view(torch.int32))
+                assert (p.data != was)[~m].float().mean() > 0.999  # kept: moved (bar exact cancellations)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _shrunk(arguments: list) -> list:
+    """mask_many_aside's arguments with one entry less of room for every piece's weights."""
+    weights, words, values, starts = arguments
+    return [weights, words, [v[:-1] if v.numel() else v for v in values], starts]
+
+
+def test_the_masking_pass_keeps_them_without_avx512_too():
+    """The masking pass's portable loops (what machines without AVX-512 compile), in their own process."""
+    env = {**os.environ, "GMT_ALIGN_CPU_CAPABILITY": "DEFAULT", "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "test_the_masking_pass_keeps_the_masked_weights_itself"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:]
