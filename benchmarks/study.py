@@ -134,9 +134,6 @@ def run_one(arm: str, seed: int, out: Path) -> None:
         if state.is_file():
             history = json.loads(state.read_text())["log_history"]
             result["train_loss"] = [round(h["loss"], 4) for h in history if "loss" in h]
-            if method == "dpo":  # did it learn its own training pairs? (TRL's logged reward accuracy)
-                result["train_reward_accuracy"] = [round(h["rewards/accuracies"], 4) for h in history
-                                                   if "rewards/accuracies" in h]
             result["steps"] = json.loads(state.read_text())["global_step"]
     t0 = time.perf_counter()
     say = lambda line: print(line, flush=True)  # noqa: E731

@@ -250,25 +250,31 @@ def test_study_arms_are_valid_commands(study, tmp_path):
         assert main(["validate", command[3], "--method", method, *command[4:]]) == 0, arm
 
 
-def test_documented_report_line_rebuilds_the_report_from_the_committed_runs(tmp_path):
-    """docs/results.md's --report_only line, as written, on a copy of the committed runs (then --out COPY):
-    every committed run is in the rebuilt table and results.json."""
+def test_documented_report_lines_rebuild_the_reports_from_the_committed_runs(tmp_path):
+    """docs/results.md's --report_only lines (the SFT and the DPO study), as written, on a copy of the
+    committed runs (then --out COPY): every committed run is in the rebuilt table and results.json."""
     import shutil
 
     text = (ROOT / "docs" / "results.md").read_text().replace("\\\n", " ")
-    (line,) = [line for line in text.splitlines() if "benchmarks/study.py" in line and "--report_only" in line]
-    argv = shlex.split(line, comments=True)
-    committed = ROOT / argv[argv.index("--out") + 1]
-    shutil.copytree(committed, tmp_path / "copy")
-    run = subprocess.run([*argv, "--out", str(tmp_path / "copy")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    runs = [json.loads(f.read_text()) for f in sorted((committed / "runs").glob("*.json"))]
-    assert runs, "no committed runs"
-    table = (tmp_path / "copy" / "results.md").read_text()
-    arms = json.loads((tmp_path / "copy" / "results.json").read_text())["arms"]
-    for r in runs:  # every committed run is in the rebuilt report, with its own figure
-        assert f"| {r['arm']} |" in table
-        nll = (r["nll"]["basic_arithmetic"]["nll"] + r["nll"]["chain_sum"]["nll"]) / 2
-        assert arms[r["arm"]]["per_seed"][str(r["seed"])]["nll"] == pytest.approx(nll)
-    assert (tmp_path / "copy" / "nll_vs_ratio.png").stat().st_size > 10_000
+    lines = [line for line in text.splitlines() if "benchmarks/study.py" in line and "--report_only" in line]
+    assert lines
+    for i, line in enumerate(lines):
+        argv = shlex.split(line, comments=True)
+        committed = ROOT / argv[argv.index("--out") + 1]
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(committed, copy)
+        run = subprocess.run([*argv, "--out", str(copy)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs = [json.loads(f.read_text()) for f in sorted((committed / "runs").glob("*.json"))]
+        assert runs, f"no committed runs in {committed}"
+        table = (copy / "results.md").read_text()
+        arms = json.loads((copy / "results.json").read_text())["arms"]
+        for r in runs:  # every committed run is in the rebuilt report, with its own figure
+            assert f"| {r['arm']} |" in table
+            nll = (r["nll"]["basic_arithmetic"]["nll"] + r["nll"]["chain_sum"]["nll"]) / 2
+            assert arms[r["arm"]]["per_seed"][str(r["seed"])]["nll"] == pytest.approx(nll)
+            if "preference" in r:
+                rank = (r["preference"]["basic_arithmetic"]["ranking_accuracy"]
+                        + r["preference"]["chain_sum"]["ranking_accuracy"]) / 2
+                assert arms[r["arm"]]["per_seed"][str(r["seed"])]["ranking_accuracy"] == pytest.approx(rank)
+        assert (copy / "nll_vs_ratio.png").stat().st_size > 10_000
