@@ -3,6 +3,7 @@ magnitude selection beat random selection? (issue 18; docs/results.md holds the 
 
     .venv/bin/python benchmarks/study.py [--out benchmarks/study_results/sft-e3] [--seeds 1 2 3 4 5]
                                          [--arms ARM ...] [--jobs 1] [--report_only]
+                                         [--dpo_lr 5e-6] [--dpo_train_n 128] [--dpo_epochs 3]
 
 Regime (one for every SFT arm): the first ``TRAIN_N`` problems of the quickstart SFT set (a small,
 fixed training set), ``EPOCHS`` epochs, batch 4 x 2 accumulation, AdamW, peak learning rate
@@ -15,7 +16,9 @@ Arms (:data:`ARMS`): ``base`` (untrained, once); vanilla SFT at the learning rat
 through its momentum, so masking also shrinks the step, and GMT counts only where it beats vanilla
 at vanilla's best rate); GMT (magnitude, tensor granularity, gradient mode) at mask ratios 0.1 ...
 0.9; random masks at 0.5 and 0.9; ``update`` mode (masked entries frozen) at 0.5 and 0.9 for
-magnitude and random; vanilla DPO and GMT-DPO 0.5 (not yet sized: see docs/results.md).
+magnitude and random; vanilla DPO and GMT-DPO 0.5 (not in the default list: ``--arms dpo gmt-dpo-0.5``
+with its own ``--out``; ``--dpo_lr``, ``--dpo_train_n`` (the first N quickstart preference pairs) and
+``--dpo_epochs`` set the DPO regime, ``dpo_beta`` 0.1: see docs/results.md).
 
 Metrics, on held-out problems (``EVAL_SEED``, every training prompt removed; the same problems for
 every model): the mean per-token NLL of the reference answers, teacher-forced
@@ -48,7 +51,11 @@ from study_stats import report  # noqa: E402
 MODEL = ".cache/quickstart/SmolLM2-135M-Instruct"
 TASKS = ("basic_arithmetic", "chain_sum")
 REGIME = {"train_n": 128, "epochs": 3, "lr": 1e-4, "warmup": 0.1, "batch": 4, "accumulation": 2,
-          "eval_n": 300, "accuracy_n": 100, "dpo_lr": 5e-6, "dpo_beta": 0.1}
+          "eval_n": 300, "accuracy_n": 100, "dpo_lr": 5e-6, "dpo_beta": 0.1, "dpo_train_n": 128, "dpo_epochs": 3}
+# options that change the DPO regime (a DPO study with other values needs its own --out)
+DPO_OPTIONS = ("dpo_lr", "dpo_train_n", "dpo_epochs")
+# keys added to REGIME after a study.json was written: such a study ran with these values
+LEGACY = {"dpo_train_n": 128, "dpo_epochs": 3}
 
 
 def _gmt(ratio: str, selection: str = "magnitude", mode: str = "gradient") -> list[str]:
@@ -79,11 +86,12 @@ ARMS: dict[str, tuple[str, float, list[str]]] = {
 
 
 def train_data(method: str, out: Path) -> Path:
-    """The fixed training set: the first ``train_n`` rows of the quickstart SFT (or DPO) data."""
-    path = out / "data" / f"{method}_train_{REGIME['train_n']}.jsonl"
+    """The fixed training set: the first ``train_n`` (DPO: ``dpo_train_n``) rows of the quickstart data."""
+    count = REGIME["dpo_train_n" if method == "dpo" else "train_n"]
+    path = out / "data" / f"{method}_train_{count}.jsonl"
     if not path.is_file():
         source = ROOT / ".cache" / "quickstart" / "data" / f"{method}_train.jsonl"
-        rows = source.read_text().splitlines()[:REGIME["train_n"]]
+        rows = source.read_text().splitlines()[:count]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rows) + "\n")
     return path
@@ -93,7 +101,8 @@ def train_command(arm: str, seed: int, model_dir: Path, data: Path) -> list[str]
     method, lr_factor, overrides = ARMS[arm]
     lr = (REGIME["dpo_lr"] if method == "dpo" else REGIME["lr"]) * lr_factor
     return ["gmt-align", method, "--config", f"recipes/quickstart/{method}.yaml",
-            "--dataset_name", str(data), "--max_steps", "-1", "--num_train_epochs", str(REGIME["epochs"]),
+            "--dataset_name", str(data), "--max_steps", "-1",
+            "--num_train_epochs", str(REGIME["dpo_epochs" if method == "dpo" else "epochs"]),
             "--per_device_train_batch_size", str(REGIME["batch"]),
             "--gradient_accumulation_steps", str(REGIME["accumulation"]),
             "--learning_rate", f"{lr:g}", "--lr_scheduler_type", "cosine", "--warmup_steps", str(REGIME["warmup"]),
@@ -140,7 +149,8 @@ def run_one(arm: str, seed: int, out: Path) -> None:
             pref = evaluate_teacher_forced(model_dir, task, "preference", n=REGIME["eval_n"], batch_size=16,
                                            ref_model=MODEL, beta=REGIME["dpo_beta"], log=say)
             result.setdefault("preference", {})[task] = {
-                k: pref[k] for k in ("n", "preferred", "preference_accuracy", "reward_margin")}
+                k: pref[k] for k in ("n", "preferred", "preference_accuracy", "reward_margin", "ranking_accuracy",
+                                     "reference_ranking_accuracy")}
     result["eval_s"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(scratch, ignore_errors=True)
     path = out / "runs" / f"{arm}-s{seed}.json"
@@ -154,7 +164,7 @@ def check_settings(out: Path) -> None:
     """Refuse to mix runs of another regime into ``out``; record the regime on first use."""
     path = out / "study.json"
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = {**LEGACY, **json.loads(path.read_text())}
         if before != REGIME:
             raise SystemExit(f"study: {out} holds runs made with {before}, not {REGIME}; choose another --out")
         return
@@ -203,15 +213,23 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if ARMS[a][0] != "dpo"], choices=list(ARMS))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--dpo_lr", type=float, default=REGIME["dpo_lr"], help="DPO's peak learning rate")
+    parser.add_argument("--dpo_train_n", type=int, default=REGIME["dpo_train_n"],
+                        help="the first N quickstart preference pairs (at most 1000)")
+    parser.add_argument("--dpo_epochs", type=int, default=REGIME["dpo_epochs"])
     parser.add_argument("--_run", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if not (args.dpo_lr > 0 and 1 <= args.dpo_train_n <= 1000 and args.dpo_epochs >= 1):
+        parser.error("--dpo_lr must be > 0, --dpo_train_n 1..1000, --dpo_epochs >= 1")
     args.out = args.out.resolve()
     os.chdir(ROOT)
-    if args._run:
+    if args._run:  # a child: the regime its driver recorded
+        REGIME.update({**LEGACY, **json.loads((args.out / "study.json").read_text())})
         run_one(args._run[0], int(args._run[1]), args.out)
         return
+    REGIME.update({k: getattr(args, k) for k in DPO_OPTIONS})
     if not (ROOT / MODEL / "config.json").is_file():
         parser.error(f"{MODEL} missing: run `python -m gmt_align.quickstart` (or `make quickstart`) first")
     if not args.report_only:

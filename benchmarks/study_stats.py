@@ -19,6 +19,7 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.045, 2.042)
 VANILLA = ("sft", "sft-lr0.5", "sft-lr0.25")
 TARGET_NLL = 0.02  # the half-width we want for a paired NLL difference
+PREFERENCE = ("preference_accuracy", "reward_margin", "ranking_accuracy")  # DPO arms (vs the base model)
 
 
 def t95(df: int) -> float:
@@ -52,8 +53,10 @@ def run_metrics(run: dict) -> dict:
     if "accuracy" in run:
         m["accuracy"] = sum(v["correct"] for v in run["accuracy"].values()) / sum(
             v["n"] for v in run["accuracy"].values())
-    if "preference" in run:
-        m["preference_accuracy"] = statistics.fmean(v["preference_accuracy"] for v in run["preference"].values())
+    if "preference" in run:  # DPO: against the base model (its own figures: ranking accuracy)
+        for key in ("preference_accuracy", "reward_margin", "ranking_accuracy", "reference_ranking_accuracy"):
+            if all(key in v for v in run["preference"].values()):
+                m[key] = statistics.fmean(v[key] for v in run["preference"].values())
     return m
 
 
@@ -96,14 +99,14 @@ def collect(out: Path, arms: dict) -> dict:
             continue
         seeds = by_arm[arm]
         row = {"seeds": sorted(seeds), "per_seed": seeds}
-        for metric in ("nll", "accuracy", "preference_accuracy"):
+        for metric in ("nll", "accuracy", *PREFERENCE):
             values = [v[metric] for v in seeds.values() if metric in v]
             if values:
                 row[metric] = interval(values)
         if arm not in ("base", "sft", "dpo"):
             ref = "dpo" if "dpo" in arm else "sft"
             if ref in by_arm:
-                row["vs_vanilla"] = {m: paired(seeds, by_arm[ref], m) for m in ("nll", "accuracy")}
+                row["vs_vanilla"] = {m: paired(seeds, by_arm[ref], m) for m in ("nll", "accuracy", *PREFERENCE)}
         if best and best != "sft" and arms[arm][0] == "sft" and arm not in VANILLA:
             row["vs_best_vanilla"] = {"against": best, "nll": paired(seeds, by_arm[best], "nll")}
         if arm.startswith("gmt-") and "dpo" not in arm:
@@ -146,6 +149,17 @@ def report(out: Path, arms: dict, tasks) -> dict:
         ts = "–" if row["train_s"] is None else f"{row['train_s']:.0f}"
         lines.append(f"| {arm} | {len(row['seeds'])} | {cell} | {sd} | {per} | {_diff(vs.get('nll'), 4)} | "
                      f"{_diff(vr.get('nll'), 4)} | {acc_cell} | {_diff(vs.get('accuracy'))} | {ts} |")
+    dpo = {arm: row for arm, row in data["arms"].items() if "preference_accuracy" in row}
+    if dpo:  # DPO arms: held-out preference figures against the base model, and the base's own ranking
+        lines += ["", "| DPO arm | seeds | preference accuracy vs base | reward margin | ranking accuracy "
+                  "(the base's) | ranking vs vanilla DPO (paired) |", "|---|---|---|---|---|---|"]
+        for arm, row in dpo.items():
+            base_rank = [row["per_seed"][s].get("reference_ranking_accuracy") for s in row["seeds"]]
+            rank = row.get("ranking_accuracy")
+            lines.append(f"| {arm} | {len(row['seeds'])} | {row['preference_accuracy']['mean']:.3f} | "
+                         f"{row['reward_margin']['mean']:+.4f} | "
+                         + ("–" if rank is None else f"{rank['mean']:.3f} ({base_rank[0]:.3f})")
+                         + f" | {_diff(row.get('vs_vanilla', {}).get('ranking_accuracy'))} |")
     table = "\n".join(lines)
     notes = [f"Best vanilla learning rate by mean NLL: {data['best_vanilla']}."]
     for arm, row in data["arms"].items():

@@ -9,6 +9,9 @@
   preference accuracy is the fraction with reward(chosen) > reward(rejected) (strictly, as TRL's
   ``rewards/accuracies``), with its Wilson interval, and the reward margin is the mean of
   reward(chosen) - reward(rejected), with a 95 % normal interval (:func:`preference_summary`).
+  Against itself every reward is 0, so the reference has no preference accuracy of its own; the
+  ranking accuracy is what compares a model with its reference: the fraction of pairs with
+  log pi(chosen) > log pi(rejected) for the model, and the same for the reference.
 
 The answer tokens are what the chat template renders after the generation prompt, trailing
 whitespace removed: for SmolLM2 the answer's tokens and ``<|im_end|>``. Without a chat template:
@@ -101,7 +104,10 @@ def preference_summary(policy_chosen: Sequence[float], policy_rejected: Sequence
     margins = [c - r for c, r in zip(chosen, rejected)]
     wins = sum(m > 0 for m in margins)
     margin, margin_ci = mean_interval(margins)
+    ranked = sum(c > r for c, r in zip(policy_chosen, policy_rejected))
+    ref_ranked = sum(c > r for c, r in zip(ref_chosen, ref_rejected))
     return dict(preference_accuracy=wins / len(margins), preferred=wins,
+                ranking_accuracy=ranked / len(margins), reference_ranking_accuracy=ref_ranked / len(margins),
                 preference_ci95=list(wilson_interval(wins, len(margins))), reward_margin=margin,
                 reward_margin_ci95=margin_ci, reward_chosen=statistics.fmean(chosen),
                 reward_rejected=statistics.fmean(rejected), beta=beta, margins=margins)
@@ -168,7 +174,9 @@ def evaluate_teacher_forced(model_dir: str | Path, task: str, metric: str, *, n:
         lines = [f"preference accuracy {result['preference_accuracy']:.3f} ({result['preferred']}/{len(rows)}: "
                  f"reward(chosen) > reward(rejected), beta {beta:g}, reference {ref_model}), "
                  f"95% Wilson score interval [{lo:.3f}, {hi:.3f}]",
-                 f"reward margin {result['reward_margin']:.4f}, 95% interval [{mlo:.4f}, {mhi:.4f}]"]
+                 f"reward margin {result['reward_margin']:.4f}, 95% interval [{mlo:.4f}, {mhi:.4f}]",
+                 f"ranking accuracy (log p(chosen) > log p(rejected)) {result['ranking_accuracy']:.3f}, "
+                 f"the reference's {result['reference_ranking_accuracy']:.3f}"]
     if output is not None:
         from .quickstart import write_jsonl
 

@@ -37,6 +37,8 @@ def test_preference_summary_by_hand():
     assert s["preferred"] == 1 and s["preference_accuracy"] == pytest.approx(1 / 3)  # a tie is not a win
     assert s["reward_margin"] == pytest.approx(0.0, abs=1e-12)
     assert s["preference_ci95"] == list(ev.wilson_interval(1, 3))
+    # ranking: the model puts chosen first on pair 0 only; the reference on none (ties)
+    assert s["ranking_accuracy"] == pytest.approx(1 / 3) and s["reference_ranking_accuracy"] == 0.0
     assert lk.preference_summary([-1.0], [-2.0], [0.0], [0.0], beta=0.5)["reward_margin"] == pytest.approx(0.5)
 
 
@@ -143,9 +145,12 @@ def test_documented_preference_line(trained, smollm2_dir):
     ref_r = lk.answer_logprobs(base, tokenizer, prompts, rejected)
     want = lk.preference_summary(*[[x for x, _ in v] for v in (policy_c, policy_r, before, ref_r)], beta=0.1)
     assert s["preferred"] == want["preferred"] and s["reward_margin"] == pytest.approx(want["reward_margin"], abs=1e-4)
+    assert (s["ranking_accuracy"], s["reference_ranking_accuracy"]) == (want["ranking_accuracy"],
+                                                                        want["reference_ranking_accuracy"])
     assert s["reward_chosen"] > 0  # the trained model raised the chosen answers' likelihood
     _, same = _eval("--model", BASE, "--task", "chain_sum", "--n", "2", "--metric", "preference", "--ref_model", BASE)
     assert same["preferred"] == 0 and same["reward_margin"] == 0.0  # against itself every reward is 0: no wins
+    assert same["ranking_accuracy"] == same["reference_ranking_accuracy"]  # ...but it ranks the pairs
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -212,6 +217,26 @@ def test_study_pairs_by_seed_by_hand(study, tmp_path):
     assert (tmp_path / "nll_vs_ratio.png").stat().st_size > 10_000 and "gmt-0.5" in (tmp_path / "results.md").read_text()
 
 
+def test_study_reports_dpo_against_the_base_by_hand(study, tmp_path):
+    import study_stats
+
+    # ranking accuracy (per task) vanilla DPO 0.6/0.7 and 0.5/0.6, GMT-DPO 0.7/0.7 and 0.6/0.7; the base's 0.55
+    for seed, d, g in ((1, (0.6, 0.7), (0.7, 0.7)), (2, (0.5, 0.6), (0.6, 0.7))):
+        for arm, rank in (("dpo", d), ("gmt-dpo-0.5", g)):
+            _run_file(tmp_path, arm, seed, (1.0, 1.0))
+            path = tmp_path / "runs" / f"{arm}-s{seed}.json"
+            run = json.loads(path.read_text())
+            run["preference"] = {t: {"n": 300, "preferred": 180, "preference_accuracy": 0.6, "reward_margin": 0.5,
+                                     "ranking_accuracy": r, "reference_ranking_accuracy": 0.55}
+                                 for t, r in zip(("basic_arithmetic", "chain_sum"), rank)}
+            path.write_text(json.dumps(run))
+    data = study_stats.report(tmp_path, study.ARMS, study.TASKS)
+    assert data["arms"]["dpo"]["ranking_accuracy"]["mean"] == pytest.approx(0.6)
+    d = data["arms"]["gmt-dpo-0.5"]["vs_vanilla"]["ranking_accuracy"]  # paired with dpo: +0.05, +0.1
+    assert d["diffs"] == pytest.approx([0.05, 0.1]) and d["resolved"] is False  # 12.706 * 0.0354 / sqrt(2) = 0.32
+    assert "| dpo | 2 | 0.600 | +0.5000 | 0.600 (0.550) |" in (tmp_path / "results.md").read_text()
+
+
 def test_study_arms_are_valid_commands(study, tmp_path):
     """Every arm's training command passes `gmt-align validate` (no model is loaded)."""
     from gmt_align.cli import main
@@ -225,25 +250,31 @@ def test_study_arms_are_valid_commands(study, tmp_path):
         assert main(["validate", command[3], "--method", method, *command[4:]]) == 0, arm
 
 
-def test_documented_report_line_rebuilds_the_report_from_the_committed_runs(tmp_path):
-    """docs/results.md's --report_only line, as written, on a copy of the committed runs (then --out COPY):
-    every committed run is in the rebuilt table and results.json."""
+def test_documented_report_lines_rebuild_the_reports_from_the_committed_runs(tmp_path):
+    """docs/results.md's --report_only lines (the SFT and the DPO study), as written, on a copy of the
+    committed runs (then --out COPY): every committed run is in the rebuilt table and results.json."""
     import shutil
 
     text = (ROOT / "docs" / "results.md").read_text().replace("\\\n", " ")
-    (line,) = [line for line in text.splitlines() if "benchmarks/study.py" in line and "--report_only" in line]
-    argv = shlex.split(line, comments=True)
-    committed = ROOT / argv[argv.index("--out") + 1]
-    shutil.copytree(committed, tmp_path / "copy")
-    run = subprocess.run([*argv, "--out", str(tmp_path / "copy")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    runs = [json.loads(f.read_text()) for f in sorted((committed / "runs").glob("*.json"))]
-    assert runs, "no committed runs"
-    table = (tmp_path / "copy" / "results.md").read_text()
-    arms = json.loads((tmp_path / "copy" / "results.json").read_text())["arms"]
-    for r in runs:  # every committed run is in the rebuilt report, with its own figure
-        assert f"| {r['arm']} |" in table
-        nll = (r["nll"]["basic_arithmetic"]["nll"] + r["nll"]["chain_sum"]["nll"]) / 2
-        assert arms[r["arm"]]["per_seed"][str(r["seed"])]["nll"] == pytest.approx(nll)
-    assert (tmp_path / "copy" / "nll_vs_ratio.png").stat().st_size > 10_000
+    lines = [line for line in text.splitlines() if "benchmarks/study.py" in line and "--report_only" in line]
+    assert lines
+    for i, line in enumerate(lines):
+        argv = shlex.split(line, comments=True)
+        committed = ROOT / argv[argv.index("--out") + 1]
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(committed, copy)
+        run = subprocess.run([*argv, "--out", str(copy)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs = [json.loads(f.read_text()) for f in sorted((committed / "runs").glob("*.json"))]
+        assert runs, f"no committed runs in {committed}"
+        table = (copy / "results.md").read_text()
+        arms = json.loads((copy / "results.json").read_text())["arms"]
+        for r in runs:  # every committed run is in the rebuilt report, with its own figure
+            assert f"| {r['arm']} |" in table
+            nll = (r["nll"]["basic_arithmetic"]["nll"] + r["nll"]["chain_sum"]["nll"]) / 2
+            assert arms[r["arm"]]["per_seed"][str(r["seed"])]["nll"] == pytest.approx(nll)
+            if "preference" in r:
+                rank = (r["preference"]["basic_arithmetic"]["ranking_accuracy"]
+                        + r["preference"]["chain_sum"]["ranking_accuracy"]) / 2
+                assert arms[r["arm"]]["per_seed"][str(r["seed"])]["ranking_accuracy"] == pytest.approx(rank)
+        assert (copy / "nll_vs_ratio.png").stat().st_size > 10_000
