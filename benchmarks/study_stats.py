@@ -2,7 +2,9 @@
 
 A paired difference is (arm − reference) on the same seed (same data order), averaged over the
 seeds both ran; its 95 % interval is the Student t interval over those seeds. A difference is
-*resolved* when that interval excludes 0. ``seeds_for(h)`` is the number of seeds whose t interval
+*resolved* when that interval excludes 0 and at least :data:`MIN_SEEDS` seeds hold it (two seeds whose
+differences happen to be equal — accuracy moves in steps of 1/200 — give a zero-width interval that
+says nothing). ``seeds_for(h)`` is the number of seeds whose t interval
 would have half-width ``h`` at the observed spread of the differences.
 """
 
@@ -18,6 +20,7 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
        2.045, 2.042)
 VANILLA = ("sft", "sft-lr0.5", "sft-lr0.25")
+MIN_SEEDS = 3
 TARGET_NLL = 0.02  # the half-width we want for a paired NLL difference
 PREFERENCE = ("preference_accuracy", "reward_margin", "ranking_accuracy")  # DPO arms (vs the base model)
 
@@ -77,7 +80,7 @@ def paired(a: dict, b: dict, metric: str) -> dict | None:
         return None
     out = interval(diffs)
     half = out["ci95_half"]
-    out.update(seeds=seeds, diffs=diffs, resolved=half is not None and abs(out["mean"]) > half)
+    out.update(seeds=seeds, diffs=diffs, resolved=len(diffs) >= MIN_SEEDS and abs(out["mean"]) > half)
     if metric == "nll":
         halves = [h for h in (problem_half(a[s].get("per_example"), b[s].get("per_example")) for s in seeds)
                   if h is not None]

@@ -211,6 +211,9 @@ def test_study_pairs_by_seed_by_hand(study, tmp_path):
     assert rnd["against"] == "random-0.5" and rnd["nll"]["diffs"] == pytest.approx([-0.1, -0.05, -0.15])
     assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["mean"] == pytest.approx(0.1)
     assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["resolved"] is True  # +0.1 on every seed
+    two_equal = study_stats.paired({1: {"accuracy": 0.2}, 2: {"accuracy": 0.3}}, {1: {"accuracy": 0.1}, 2: {"accuracy": 0.2}},
+                                   "accuracy")
+    assert two_equal["ci95_half"] == pytest.approx(0, abs=1e-12) and two_equal["resolved"] is False  # a zero-width interval from 2 seeds
     assert study_stats.seeds_for(0.05, 0.02) == 27  # 2.056 * 0.05 / sqrt(27) = 0.0198
     # per-problem differences 0, 1, 2: sd 1, half-width 1.96 / sqrt(3)
     assert study_stats.problem_half([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) == pytest.approx(1.96 / 3 ** 0.5)
