@@ -44,6 +44,18 @@ void check(const torch::Tensor& t, torch::ScalarType type, const char* what) {
 
 int64_t chunks_of(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
 
+// The arguments save_masked and restore_masked share (one is the other's inverse): fp32 weights, their
+// bits, each chunk's offset, and room for every masked entry in ``packed``.
+void check_packed(const torch::Tensor& weight, const torch::Tensor& words, const torch::Tensor& offsets,
+                  const torch::Tensor& packed, const char* what) {
+  check(weight, torch::kFloat32, "weight");
+  check(words, torch::kInt16, "words");
+  check(packed, torch::kFloat32, what);
+  const int64_t n = weight.numel(), chunks = chunks_of(n);
+  TORCH_CHECK(words.numel() >= (n + 15) / 16 && offsets.numel() == chunks + 1, what, ": sizes differ");
+  TORCH_CHECK(packed.numel() >= offsets.data_ptr<int64_t>()[chunks], what, ": holds fewer entries than are masked");
+}
+
 }  // namespace
 
 // words[i / 16] bit i % 16 = entry i is masked; returns int64 [chunks + 1]: offsets[c] = masked
@@ -86,13 +98,9 @@ torch::Tensor mark_masked(torch::Tensor grad, int64_t threshold, torch::Tensor w
 
 // out[offsets[c] + j] = the j-th masked weight of chunk c.
 void save_masked(torch::Tensor weight, torch::Tensor words, torch::Tensor offsets, torch::Tensor out) {
-  check(weight, torch::kFloat32, "weight");
-  check(words, torch::kInt16, "words");
-  check(out, torch::kFloat32, "out");
+  check_packed(weight, words, offsets, out, "save_masked: out");
   const int64_t n = weight.numel(), chunks = chunks_of(n);
-  TORCH_CHECK(words.numel() >= (n + 15) / 16 && offsets.numel() == chunks + 1, "save_masked: sizes differ");
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(out.numel() >= off[chunks], "save_masked: out holds fewer entries than are masked");
   const float* w = weight.data_ptr<float>();
   const uint16_t* m = reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>());
   float* o = out.data_ptr<float>();
@@ -145,13 +153,9 @@ const float* unpack_range(float* w, const uint16_t* m, int64_t i, int64_t end, c
 
 // weight[i] = the saved value, for every masked entry i (the inverse of save_masked).
 void restore_masked(torch::Tensor weight, torch::Tensor words, torch::Tensor offsets, torch::Tensor saved) {
-  check(weight, torch::kFloat32, "weight");
-  check(words, torch::kInt16, "words");
-  check(saved, torch::kFloat32, "saved");
+  check_packed(weight, words, offsets, saved, "restore_masked: saved");
   const int64_t n = weight.numel(), chunks = chunks_of(n);
-  TORCH_CHECK(words.numel() >= (n + 15) / 16 && offsets.numel() == chunks + 1, "restore_masked: sizes differ");
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(saved.numel() >= off[chunks], "restore_masked: fewer saved entries than masked ones");
   float* w = weight.data_ptr<float>();
   const uint16_t* m = reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>());
   const float* s = saved.data_ptr<float>();
