@@ -66,8 +66,8 @@ def test_chat_templates_fit_trl_prompt_completion(smollm2_dir, template):
     assert tokenizer.decode(kept).strip() == "The sum is 5." + tokenizer.eos_token
 
 
-@pytest.mark.parametrize("template", {yaml.safe_load((ROOT / p).read_text()).get("chat_template_path")
-                                      for p in PAPER_RECIPES} - {None})
+@pytest.mark.parametrize("template", sorted({yaml.safe_load((ROOT / p).read_text()).get("chat_template_path")
+                                             for p in PAPER_RECIPES} - {None}))
 def test_recipes_name_shipped_templates(template):
     assert (ROOT / template).is_file()
 
