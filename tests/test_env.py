@@ -55,7 +55,6 @@ def test_one_line_before_the_cpp_kernels_build(capsys, monkeypatch, tmp_path):
     assert kernels._load_cpp() == "module" and capsys.readouterr().err == ""  # up to date: loading says nothing
 
 
-
 def test_a_killed_builds_lock_is_refused_not_waited_on(capsys, caplog, monkeypatch, tmp_path):
     """torch waits forever on the `lock` a killed build leaves; `gmt-align sft` refuses it in one line
     before anything loads, and the C++ kernels' loader falls back instead of hanging. A lock in a
