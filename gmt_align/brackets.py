@@ -4,7 +4,7 @@
 (the ``keep``-th largest bit pattern of |g|) from exact counts of the entries at or above a few
 probe values. This module holds the bracket (:class:`Bracket`) and the ways to choose probes:
 
-- a strided sample of the unit (:func:`sample_stride`; :func:`sample_size` entries per process);
+- a strided sample of the unit (:func:`sample_stride`; :func:`sample_size` entries, each process its share);
 - evenly spaced runs of contiguous entries of a big piece (:func:`runs_of`);
 - probes spread around the best guess (:func:`spread`), some of them fixed so that every exact
   round shrinks the bracket at least threefold whatever the data.
@@ -23,7 +23,7 @@ __all__ = ["PROBES", "RUN", "RUNS", "Bracket", "max_candidates", "runs_of", "sam
            "spread"]
 
 SAMPLE = 4096
-"""Entries per unit (per process) in the strided sample that gives the first probes."""
+"""Entries per unit in the strided sample that gives the first probes (each process reads its share)."""
 
 RUN, RUNS = 512, 2048
 """The second guess counts ``RUNS`` evenly spaced runs of ``RUN`` contiguous entries of each piece

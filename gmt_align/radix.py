@@ -132,7 +132,9 @@ def radix_within(
     ``values`` (int64, ``[0, span[owner])``) are this process's candidates, ``owner`` their units.
     Radix rounds from the top of the span (12-bit digits for up to 16 units, else 8-bit: the
     reduced matrices stay under 64 Ki counts); all units advance together, one all-reduce per
-    round over the units still going (the same on every process: spans are global).
+    round over the units still going (the same on every process: spans are global). After each
+    round only the candidates whose digit is the chosen one stay in play, so the later rounds read
+    a few of them, not all again.
     """
     if not units:
         return {}
@@ -143,21 +145,23 @@ def radix_within(
     remaining = torch.tensor([need[u] for u in units], dtype=torch.int64)
     index_of = torch.full((max(units) + 1,), -1, dtype=torch.int64)
     index_of[torch.tensor(units)] = torch.arange(len(units))
-    slot = index_of[owner] if owner.numel() else owner  # each candidate's position in ``units``
+    slot = index_of.index_select(0, owner)  # each candidate's position in ``units``
+    # (index_select: several times faster than ``t[index]`` on a long int64 index, on the CPU)
+    # In play: round 0 takes every candidate (all lie below their span, so every unit is going and
+    # the prefix, 0, matches); each round keeps only those that match the prefix of the next.
     for round_index in range(int(width.max()) // digit_bits + 1):
         going = torch.nonzero(width > digit_bits * round_index).flatten()
         if not going.numel():
             break
         high = (width - digit_bits * round_index).clamp(min=0)
         low = (high - digit_bits).clamp(min=0)
-        row_of = torch.full((len(units),), -1, dtype=torch.int64)
-        row_of[going] = torch.arange(going.numel())
-        ok = row_of[slot] >= 0
-        ok &= (values >> high[slot]) == prefix[slot]
-        s, v = slot[ok], values[ok]
-        digit = (v >> low[s]) & ((1 << (high - low)[s]) - 1)
-        counts = torch.bincount(row_of[s] * bins + digit, minlength=going.numel() * bins).view(-1, bins)
-        counts = reduce(counts.clone())
+        first_bin = torch.full((len(units),), -1, dtype=torch.int64)  # the unit's row in counts, times bins
+        first_bin[going] = torch.arange(going.numel()) * bins
+        digit_mask = (1 << (high - low)) - 1
+        digit = (values >> low.index_select(0, slot)) & digit_mask.index_select(0, slot)
+        index = first_bin.index_select(0, slot) + digit  # the candidate's bin in counts, flattened
+        counts = torch.bincount(index, minlength=going.numel() * bins).view(-1, bins)
+        counts = reduce(counts)
         at_or_above = counts.flip(1).cumsum(1).flip(1)
         need_now = remaining[going]
         chosen = (at_or_above >= need_now[:, None]).sum(1) - 1
@@ -167,4 +171,9 @@ def radix_within(
                             at_or_above.gather(1, (chosen + 1).clamp(max=bins - 1)[:, None])[:, 0], 0)
         remaining[going] = need_now - above
         prefix[going] = (prefix[going] << (high - low)[going]) | chosen
+        # stay in play: the chosen bin of a unit with digits left (-1, never an index, for the others)
+        stay = torch.full((len(units),), -1, dtype=torch.int64)
+        stay[going] = torch.where(width[going] > digit_bits * (round_index + 1), first_bin[going] + chosen, -1)
+        kept = index == stay.index_select(0, slot)
+        slot, values = slot[kept], values[kept]
     return dict(zip(units, prefix.tolist()))

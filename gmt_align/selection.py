@@ -178,14 +178,17 @@ def _guess_from_samples(brackets, flat: Pieces, quantum, reduce) -> None:
     """Probes at sample quantiles around keep/n, averaged over processes with weights = entries held.
 
     The sample of a unit: every ``stride``-th entry of its pieces (:func:`gmt_align.brackets.sample_stride`,
-    continued from piece to piece); all units' picks in one batched call."""
+    continued from piece to piece); all units' picks in one batched call. A process samples its share
+    of :func:`gmt_align.brackets.sample_size` (entries held / unit size): the average of the processes'
+    quantiles is then as precise as one process's over the whole sample, and the probes are spread by
+    the precision of that whole (on N ranks, each reads 1/N of the picks one process would)."""
     parts = flat.parts
     local = [_held(unit_parts) for unit_parts in parts]
     guesses = torch.zeros(len(parts), PROBES + 1, dtype=torch.int64)
     members = [u for u in brackets if local[u] > 0]
     indices, starts, strides, sizes = [], [], [], []
     for u in members:
-        stride = sample_stride(local[u], sample_size(brackets[u].size))
+        stride = sample_stride(local[u], -(-sample_size(brackets[u].size) * local[u] // brackets[u].size))
         start, size = 0, 0
         for index in range(flat.first[u], flat.first[u + 1]):
             numel = flat.tensors[index].numel()
@@ -198,7 +201,9 @@ def _guess_from_samples(brackets, flat: Pieces, quantum, reduce) -> None:
         rows = torch.tensor(members)
         size = torch.tensor(sizes, dtype=torch.float64)[:, None]
         fraction = torch.tensor([brackets[u].keep / brackets[u].size for u in members], dtype=torch.float64)[:, None]
-        sigma = (fraction * (1 - fraction) / size).sqrt() + 1 / size  # of a sample quantile, as a fraction
+        share = torch.tensor([local[u] / brackets[u].size for u in members], dtype=torch.float64)[:, None]
+        whole = size / share  # the picks of every process together (about)
+        sigma = (fraction * (1 - fraction) / whole).sqrt() + 1 / size  # of their mean quantile, as a fraction
         at = ((fraction + torch.tensor(_SPOTS, dtype=torch.float64) * sigma) * size).to(torch.int64)
         picks = torch.zeros(len(parts), PROBES, dtype=torch.int64)
         picks[rows] = torch.minimum(at.clamp(min=0), size.to(torch.int64) - 1)
@@ -362,7 +367,7 @@ def finish(brackets: dict[int, Bracket], flat: Pieces, candidates: Candidates,
         owner = piece_unit.repeat_interleave(per_piece)
         base = torch.zeros(len(flat.parts), dtype=torch.int64)
         base[open_units] = lo
-        within = radix_within(open_units, values - base[owner], owner,
+        within = radix_within(open_units, values - base.index_select(0, owner), owner,
                               {u: brackets[u].hi - brackets[u].lo for u in open_units},
                               dict(zip(open_units, need.tolist())), reduce)
         found = lo + torch.tensor([within[u] for u in open_units], dtype=torch.int64)

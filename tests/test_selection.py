@@ -151,6 +151,59 @@ def test_ranks_get_the_single_process_answer():
         assert results[rank].tolist() == expected
 
 
+@pytest.mark.parametrize("num_units", [5, 40])  # 12-bit digits up to 16 units, 8-bit above
+def test_radix_within_ranks_find_the_need_th_largest_candidate(num_units):
+    """Candidates of units with spans from 1 to 2^22 (one to three rounds; units stop at different
+    rounds), split over 3 thread-ranks, some ranks holding none of a unit: every rank must find,
+    per unit, the need-th largest candidate of all ranks (a sort's answer)."""
+    from gmt_align.radix import radix_within
+
+    world = 3
+    gen = torch.Generator().manual_seed(num_units)
+    units = list(range(1, 2 * num_units, 2))  # unit ids need not be 0..n-1
+    spans = {u: int(torch.randint(1, 1 << int(torch.randint(1, 23, (1,), generator=gen)), (1,), generator=gen)) + 1
+             for u in units}
+    spans[units[0]] = 1  # a span of one value
+    every = {u: torch.randint(0, spans[u], (int(torch.randint(1, 3000, (1,), generator=gen)),), generator=gen)
+             for u in units}
+    every[units[1]] = torch.full((50,), spans[units[1]] - 1)  # ties at the top of the span
+    need = {u: int(torch.randint(1, every[u].numel() + 1, (1,), generator=gen)) for u in units}
+    expected = {u: int(every[u].sort(descending=True).values[need[u] - 1]) for u in units}
+    held = [{u: every[u].tensor_split(world)[r] for u in units} for r in range(world)]
+    held[1][units[2]] = held[2][units[2]] = torch.zeros(0, dtype=torch.int64)  # rank 0 holds them all
+    held[0][units[2]] = every[units[2]]
+    slots, results = [None] * world, [None] * world
+    barrier = threading.Barrier(world)
+
+    def make_reduce(rank):
+        def reduce(counts):
+            slots[rank] = counts.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return counts.copy_(total)
+
+        return reduce
+
+    def run(rank):
+        order = torch.randperm(len(units), generator=torch.Generator().manual_seed(rank)).tolist()
+        values = torch.cat([held[rank][units[i]] for i in order])  # candidates in any order of units
+        owner = torch.cat([torch.full((held[rank][units[i]].numel(),), units[i]) for i in order])
+        try:
+            results[rank] = radix_within(units, values, owner, spans, need, make_reduce(rank))
+        except BaseException as error:  # noqa: BLE001 - surfaced below
+            results[rank] = error
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for result in results:
+        assert result == expected
+
+
 def test_keep_count_floors_the_decimal_ratio():
     assert keep_count(100, 0.29) == 71  # 0.29 * 100 is 28.999999999999996 in binary floating point
     assert keep_count(10, 0.0) == 10
