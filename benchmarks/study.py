@@ -172,12 +172,17 @@ def check_settings(out: Path) -> None:
     path.write_text(json.dumps(REGIME) + "\n")
 
 
+def runs_to_do(args) -> list[tuple[str, int]]:
+    """Arm-major in ``--arms`` order (``base`` once): the (arm, seed) pairs without a result file in ``--out``."""
+    return [(a, s) for a in args.arms for s in (args.seeds[:1] if a == "base" else args.seeds)
+            if not (args.out / "runs" / f"{a}-s{s}.json").is_file()]
+
+
 def drive(args) -> None:
-    """Arm-major in ``--arms`` order (``base`` once), ``--jobs`` child processes of one thread each."""
+    """The runs still to do, ``--jobs`` child processes of one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    todo = [(a, s) for a in args.arms for s in (args.seeds[:1] if a == "base" else args.seeds)
-            if not (args.out / "runs" / f"{a}-s{s}.json").is_file()]
+    todo = runs_to_do(args)
     print(f"study: {len(todo)} runs to do in {args.out} ({args.jobs} at a time)", flush=True)
     logs = ROOT / "outputs" / "study-scratch" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -213,6 +218,8 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if ARMS[a][0] != "dpo"], choices=list(ARMS))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the runs this command would do (those without a result file in --out) and exit")
     parser.add_argument("--dpo_lr", type=float, default=REGIME["dpo_lr"], help="DPO's peak learning rate")
     parser.add_argument("--dpo_train_n", type=int, default=REGIME["dpo_train_n"],
                         help="the first N quickstart preference pairs (at most 1000)")
@@ -232,6 +239,13 @@ def main(argv=None) -> None:
     REGIME.update({k: getattr(args, k) for k in DPO_OPTIONS})
     if not (ROOT / MODEL / "config.json").is_file():
         parser.error(f"{MODEL} missing: run `python -m gmt_align.quickstart` (or `make quickstart`) first")
+    if args.plan:  # nothing is written: a regime other than the folder's is refused all the same
+        recorded = args.out / "study.json"
+        if recorded.is_file() and {**LEGACY, **json.loads(recorded.read_text())} != REGIME:
+            raise SystemExit(f"study: {args.out} holds runs made with another regime; choose another --out")
+        todo = runs_to_do(args)
+        print(f"study: {len(todo)} runs to do in {args.out}: " + (", ".join(f"{a}-s{s}" for a, s in todo) or "none"))
+        return
     if not args.report_only:
         check_settings(args.out)
         drive(args)

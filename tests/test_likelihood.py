@@ -253,7 +253,7 @@ def test_study_arms_are_valid_commands(study, tmp_path):
         assert main(["validate", command[3], "--method", method, *command[4:]]) == 0, arm
 
 
-def test_documented_report_lines_rebuild_the_reports_from_the_committed_runs(tmp_path):
+def test_documented_report_lines_rebuild_the_reports_from_the_committed_runs(smollm2_dir, tmp_path):
     """docs/results.md's --report_only lines (the SFT and the DPO study), as written, on a copy of the
     committed runs (then --out COPY): every committed run is in the rebuilt table and results.json."""
     import shutil
@@ -281,3 +281,45 @@ def test_documented_report_lines_rebuild_the_reports_from_the_committed_runs(tmp
                         + r["preference"]["chain_sum"]["ranking_accuracy"]) / 2
                 assert arms[r["arm"]]["per_seed"][str(r["seed"])]["ranking_accuracy"] == pytest.approx(rank)
         assert (copy / "nll_vs_ratio.png").stat().st_size > 10_000
+
+
+def _documented_study_runs() -> list[str]:
+    """docs/results.md's benchmarks/study.py lines that train (code blocks and inline code), as written."""
+    import re
+
+    text = (ROOT / "docs" / "results.md").read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.startswith(".venv/bin/python benchmarks/study.py")]
+    lines += re.findall(r"`(\.venv/bin/python benchmarks/study\.py[^`]*)`", text)
+    return [line for line in lines if "--report_only" not in line]
+
+
+def test_documented_study_runs_plan_the_runs_they_say(smollm2_dir, tmp_path):
+    """Each documented training line of the study, as written plus --plan (which trains nothing):
+    it parses, its folder's recorded regime is the one the line asks for, and it plans exactly the
+    named runs that have no committed result file. --plan writes nothing, and refuses a regime
+    other than the folder's, as a run would."""
+    lines = _documented_study_runs()
+    assert len(lines) >= 3, lines  # the whole study, the DPO study, a seed at a time
+    for line in lines:
+        argv = shlex.split(line, comments=True)
+        run = subprocess.run([*argv, "--plan"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (line, run.stderr[-2000:])
+        out = ROOT / (argv[argv.index("--out") + 1] if "--out" in argv else "benchmarks/study_results/sft-e3")
+        planned = run.stdout.strip().rsplit(": ", 1)[1].split(", ")
+        arms = argv[argv.index("--arms") + 1:] if "--arms" in argv else None
+        for name in (f.stem for f in (out / "runs").glob("*.json")):
+            assert name not in planned, (line, name)  # a committed run is never run again
+        if arms is not None:
+            arms = arms[: next((i for i, a in enumerate(arms) if a.startswith("--")), len(arms))]
+            seeds = argv[argv.index("--seeds") + 1:] if "--seeds" in argv else ["1", "2", "3", "4", "5"]
+            seeds = seeds[: next((i for i, a in enumerate(seeds) if a.startswith("--")), len(seeds))]
+            named = [f"{a}-s{s}" for a in arms for s in seeds]
+            assert [n for n in named if not (out / "runs" / f"{n}.json").is_file()] == \
+                [p for p in planned if p != "none"], line
+    fresh = tmp_path / "fresh"
+    plan = [sys.executable, "benchmarks/study.py", "--arms", "sft", "--seeds", "1", "--out", str(fresh), "--plan"]
+    run = subprocess.run(plan, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith(": sft-s1") and not fresh.exists()
+    other = [*plan[:-3], "--out", "benchmarks/study_results/dpo-e3", "--dpo_lr", "1.0", "--plan"]
+    run = subprocess.run(other, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "another regime" in run.stderr
