@@ -27,6 +27,42 @@ def select_one(scores: torch.Tensor, k: int, chunk: int = 1 << 20) -> int:
     return int(select_thresholds(1, lambda u: chunks_of(scores, chunk), [k])[0])
 
 
+def on_thread_ranks(world: int, work):
+    """Run ``work(rank, reduce)`` on ``world`` threads standing in for ranks, where ``reduce`` sums a count
+    tensor over them in place (a barrier 'all-reduce'). Returns each rank's result and how many times it
+    reduced; an error on one rank breaks the barrier (no rank waits forever) and is raised here."""
+    slots, results, calls = [None] * world, [None] * world, [0] * world
+    barrier = threading.Barrier(world)
+
+    def make_reduce(rank):
+        def reduce(counts):
+            calls[rank] += 1
+            slots[rank] = counts.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return counts.copy_(total)
+
+        return reduce
+
+    def run(rank):
+        try:
+            results[rank] = work(rank, make_reduce(rank))
+        except BaseException as error:  # noqa: BLE001 - raised below
+            results[rank] = error
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:  # the rank that failed first, not the others' broken barrier
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return results, calls
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 65_537])
 def test_matches_sort_for_every_kind_of_k(n):
     g = torch.randn(n, generator=torch.Generator().manual_seed(n))
@@ -121,31 +157,8 @@ def test_ranks_get_the_single_process_answer():
     shards[1][2], shards[2][2] = torch.zeros(0), torch.zeros(0)
     shards[0][2] = units[2]
 
-    slots = [None] * world
-    barrier = threading.Barrier(world)
-    results = [None] * world
-
-    def make_reduce(rank):
-        def reduce(counts):
-            slots[rank] = counts.clone()
-            barrier.wait()
-            total = sum(slots)
-            barrier.wait()
-            counts.copy_(total)
-            return counts
-
-        return reduce
-
-    def run(rank):
-        results[rank] = select_thresholds(
-            len(units), lambda u: chunks_of(shards[rank][u], 64), keep, reduce=make_reduce(rank)
-        )
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, _ = on_thread_ranks(world, lambda rank, reduce: select_thresholds(
+        len(units), lambda u: chunks_of(shards[rank][u], 64), keep, reduce=reduce))
     expected = [oracle_bits(u, k) for u, k in zip(units, keep)]
     for rank in range(world):
         assert results[rank].tolist() == expected
@@ -172,34 +185,13 @@ def test_radix_within_ranks_find_the_need_th_largest_candidate(num_units):
     held = [{u: every[u].tensor_split(world)[r] for u in units} for r in range(world)]
     held[1][units[2]] = held[2][units[2]] = torch.zeros(0, dtype=torch.int64)  # rank 0 holds them all
     held[0][units[2]] = every[units[2]]
-    slots, results = [None] * world, [None] * world
-    barrier = threading.Barrier(world)
-
-    def make_reduce(rank):
-        def reduce(counts):
-            slots[rank] = counts.clone()
-            barrier.wait()
-            total = sum(slots)
-            barrier.wait()
-            return counts.copy_(total)
-
-        return reduce
-
-    def run(rank):
+    def run(rank, reduce):
         order = torch.randperm(len(units), generator=torch.Generator().manual_seed(rank)).tolist()
         values = torch.cat([held[rank][units[i]] for i in order])  # candidates in any order of units
         owner = torch.cat([torch.full((held[rank][units[i]].numel(),), units[i]) for i in order])
-        try:
-            results[rank] = radix_within(units, values, owner, spans, need, make_reduce(rank))
-        except BaseException as error:  # noqa: BLE001 - surfaced below
-            results[rank] = error
-            barrier.abort()
+        return radix_within(units, values, owner, spans, need, reduce)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, _ = on_thread_ranks(world, run)
     for result in results:
         assert result == expected
 
@@ -376,36 +368,8 @@ def test_select_and_mask_ranks_get_the_single_process_mask():
     keep = [keep_count(u.numel(), 0.3) for u in units]
     shards = [list(u.clone().tensor_split(world)) for u in units]
     shards[3] = [units[3].clone(), torch.zeros(0), torch.zeros(0)]  # rank 0 holds all of it
-    slots, calls = [None] * world, [0] * world
-    barrier = threading.Barrier(world)
-    results = [None] * world
-
-    def make_reduce(rank):
-        def reduce(counts):
-            calls[rank] += 1
-            slots[rank] = counts.clone()
-            barrier.wait()
-            total = sum(slots)
-            barrier.wait()
-            return counts.copy_(total)
-
-        return reduce
-
-    def run(rank):
-        try:
-            results[rank] = select_and_mask(len(units), lambda u: [shards[u][rank]], keep,
-                                            [u.numel() for u in units], make_reduce(rank))
-        except BaseException as error:  # noqa: BLE001 - surfaced below
-            results[rank] = error
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for result in results:
-        assert not isinstance(result, BaseException), result
+    results, calls = on_thread_ranks(world, lambda rank, reduce: select_and_mask(
+        len(units), lambda u: [shards[u][rank]], keep, [u.numel() for u in units], reduce))
     assert len(set(calls)) == 1 and calls[0] <= 6, calls
     for u, (g, k) in enumerate(zip(units, keep)):
         threshold, masked = expected_mask(g, k)
