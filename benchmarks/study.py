@@ -160,13 +160,15 @@ def run_one(arm: str, seed: int, out: Path) -> None:
     os.replace(tmp, path)
 
 
-def check_settings(out: Path) -> None:
-    """Refuse to mix runs of another regime into ``out``; record the regime on first use."""
+def check_settings(out: Path, record: bool = True) -> None:
+    """Refuse to mix runs of another regime into ``out``; record the regime on first use (``record``)."""
     path = out / "study.json"
     if path.is_file():
         before = {**LEGACY, **json.loads(path.read_text())}
         if before != REGIME:
             raise SystemExit(f"study: {out} holds runs made with {before}, not {REGIME}; choose another --out")
+        return
+    if not record:
         return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(REGIME) + "\n")
@@ -240,9 +242,7 @@ def main(argv=None) -> None:
     if not (ROOT / MODEL / "config.json").is_file():
         parser.error(f"{MODEL} missing: run `python -m gmt_align.quickstart` (or `make quickstart`) first")
     if args.plan:  # nothing is written: a regime other than the folder's is refused all the same
-        recorded = args.out / "study.json"
-        if recorded.is_file() and {**LEGACY, **json.loads(recorded.read_text())} != REGIME:
-            raise SystemExit(f"study: {args.out} holds runs made with another regime; choose another --out")
+        check_settings(args.out, record=False)
         todo = runs_to_do(args)
         print(f"study: {len(todo)} runs to do in {args.out}: " + (", ".join(f"{a}-s{s}" for a, s in todo) or "none"))
         return

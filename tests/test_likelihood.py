@@ -322,4 +322,4 @@ def test_documented_study_runs_plan_the_runs_they_say(smollm2_dir, tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith(": sft-s1") and not fresh.exists()
     other = [*plan[:-3], "--out", "benchmarks/study_results/dpo-e3", "--dpo_lr", "1.0", "--plan"]
     run = subprocess.run(other, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "another regime" in run.stderr
+    assert run.returncode != 0 and "holds runs made with" in run.stderr and "choose another --out" in run.stderr
