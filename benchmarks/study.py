@@ -213,7 +213,8 @@ def drive(args) -> None:
         raise SystemExit(f"study: {len(failed)} runs failed: {', '.join(failed)}")
 
 
-def main(argv=None) -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of this script (the tests parse documented lines with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "study_results" / "sft-e3")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -227,6 +228,11 @@ def main(argv=None) -> None:
                         help="the first N quickstart preference pairs (at most 1000)")
     parser.add_argument("--dpo_epochs", type=int, default=REGIME["dpo_epochs"])
     parser.add_argument("--_run", nargs=2, metavar=("ARM", "SEED"), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")

@@ -293,7 +293,7 @@ def _documented_study_runs() -> list[str]:
     return [line for line in lines if "--report_only" not in line]
 
 
-def test_documented_study_runs_plan_the_runs_they_say(smollm2_dir, tmp_path):
+def test_documented_study_runs_plan_the_runs_they_say(study, smollm2_dir, tmp_path):
     """Each documented training line of the study, as written plus --plan (which trains nothing):
     it parses, its folder's recorded regime is the one the line asks for, and it plans exactly the
     named runs that have no committed result file. --plan writes nothing, and refuses a regime
@@ -304,18 +304,14 @@ def test_documented_study_runs_plan_the_runs_they_say(smollm2_dir, tmp_path):
         argv = shlex.split(line, comments=True)
         run = subprocess.run([*argv, "--plan"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, (line, run.stderr[-2000:])
-        out = ROOT / (argv[argv.index("--out") + 1] if "--out" in argv else "benchmarks/study_results/sft-e3")
         planned = run.stdout.strip().rsplit(": ", 1)[1].split(", ")
-        arms = argv[argv.index("--arms") + 1:] if "--arms" in argv else None
+        args = study.make_parser().parse_args(argv[2:])  # what the line asks for: its arms and seeds
+        out = ROOT / args.out  # as the line runs: from the repository's root
         for name in (f.stem for f in (out / "runs").glob("*.json")):
             assert name not in planned, (line, name)  # a committed run is never run again
-        if arms is not None:
-            arms = arms[: next((i for i, a in enumerate(arms) if a.startswith("--")), len(arms))]
-            seeds = argv[argv.index("--seeds") + 1:] if "--seeds" in argv else ["1", "2", "3", "4", "5"]
-            seeds = seeds[: next((i for i, a in enumerate(seeds) if a.startswith("--")), len(seeds))]
-            named = [f"{a}-s{s}" for a in arms for s in seeds]
-            assert [n for n in named if not (out / "runs" / f"{n}.json").is_file()] == \
-                [p for p in planned if p != "none"], line
+        named = [f"{a}-s{s}" for a in args.arms for s in (args.seeds[:1] if a == "base" else args.seeds)]
+        assert [n for n in named if not (out / "runs" / f"{n}.json").is_file()] == \
+            [p for p in planned if p != "none"], line
     fresh = tmp_path / "fresh"
     plan = [sys.executable, "benchmarks/study.py", "--arms", "sft", "--seeds", "1", "--out", str(fresh), "--plan"]
     run = subprocess.run(plan, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -185,6 +185,7 @@ def test_radix_within_ranks_find_the_need_th_largest_candidate(num_units):
     held = [{u: every[u].tensor_split(world)[r] for u in units} for r in range(world)]
     held[1][units[2]] = held[2][units[2]] = torch.zeros(0, dtype=torch.int64)  # rank 0 holds them all
     held[0][units[2]] = every[units[2]]
+
     def run(rank, reduce):
         order = torch.randperm(len(units), generator=torch.Generator().manual_seed(rank)).tolist()
         values = torch.cat([held[rank][units[i]] for i in order])  # candidates in any order of units
