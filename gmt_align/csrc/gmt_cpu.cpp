@@ -26,6 +26,9 @@ typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
 constexpr int MAX_PROBES = 16;
 constexpr int64_t ITEM = 4096;  // entries per work item of at::parallel_for
 constexpr int32_t ABS = 0x7FFFFFFF;
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
 // Entries whose candidate flags are reduced at once: kernels.BLOCK, the block of mask_and_flag's
 // marks (ITEM is a multiple).
 constexpr int64_t BLOCK = 64;
@@ -189,6 +192,44 @@ bool count_item_packed(const Piece& piece, const float* row, int64_t q0, int64_t
   const __m512i a512 = _mm512_set1_epi32(A), b512 = _mm512_set1_epi32(B), c512 = _mm512_set1_epi32(C);
   __m512i at_b = _mm512_setzero_si512(), at_c = _mm512_setzero_si512();
   int64_t i = start;
+  if constexpr (!RANDOM) {  // four vectors a turn: their packing offsets do not wait on one another
+    __m512i at_b1 = _mm512_setzero_si512(), at_c1 = _mm512_setzero_si512();
+    for (; i + 4 * LANES <= stop; i += 4 * LANES) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + i + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + i + PREFETCH + LANES), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + i + PREFETCH + 2 * LANES), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + i + PREFETCH + 3 * LANES), _MM_HINT_T0);
+      const __m512i b0 = _mm512_and_si512(_mm512_loadu_si512(row + i), abs512);
+      const __m512i b1 = _mm512_and_si512(_mm512_loadu_si512(row + i + LANES), abs512);
+      const __m512i b2 = _mm512_and_si512(_mm512_loadu_si512(row + i + 2 * LANES), abs512);
+      const __m512i b3 = _mm512_and_si512(_mm512_loadu_si512(row + i + 3 * LANES), abs512);
+      const __mmask16 kb0 = _mm512_cmpge_epi32_mask(b0, b512), kb1 = _mm512_cmpge_epi32_mask(b1, b512);
+      const __mmask16 kb2 = _mm512_cmpge_epi32_mask(b2, b512), kb3 = _mm512_cmpge_epi32_mask(b3, b512);
+      at_b = _mm512_mask_sub_epi32(at_b, kb0, at_b, minus1);
+      at_b1 = _mm512_mask_sub_epi32(at_b1, kb1, at_b1, minus1);
+      at_b = _mm512_mask_sub_epi32(at_b, kb2, at_b, minus1);
+      at_b1 = _mm512_mask_sub_epi32(at_b1, kb3, at_b1, minus1);
+      at_c = _mm512_mask_sub_epi32(at_c, _mm512_mask_cmpge_epi32_mask(kb0, b0, c512), at_c, minus1);
+      at_c1 = _mm512_mask_sub_epi32(at_c1, _mm512_mask_cmpge_epi32_mask(kb1, b1, c512), at_c1, minus1);
+      at_c = _mm512_mask_sub_epi32(at_c, _mm512_mask_cmpge_epi32_mask(kb2, b2, c512), at_c, minus1);
+      at_c1 = _mm512_mask_sub_epi32(at_c1, _mm512_mask_cmpge_epi32_mask(kb3, b3, c512), at_c1, minus1);
+      const __mmask16 in0 = _kandn_mask16(kb0, _mm512_cmpge_epi32_mask(b0, a512));
+      const __mmask16 in1 = _kandn_mask16(kb1, _mm512_cmpge_epi32_mask(b1, a512));
+      const __mmask16 in2 = _kandn_mask16(kb2, _mm512_cmpge_epi32_mask(b2, a512));
+      const __mmask16 in3 = _kandn_mask16(kb3, _mm512_cmpge_epi32_mask(b3, a512));
+      const int64_t n0 = __builtin_popcount(static_cast<unsigned>(in0));
+      const int64_t n1 = __builtin_popcount(static_cast<unsigned>(in1));
+      const int64_t n2 = __builtin_popcount(static_cast<unsigned>(in2));
+      const int64_t n3 = __builtin_popcount(static_cast<unsigned>(in3));
+      _mm512_storeu_si512(buffer + packed, _mm512_maskz_compress_epi32(in0, b0));
+      _mm512_storeu_si512(buffer + packed + n0, _mm512_maskz_compress_epi32(in1, b1));
+      _mm512_storeu_si512(buffer + packed + n0 + n1, _mm512_maskz_compress_epi32(in2, b2));
+      _mm512_storeu_si512(buffer + packed + n0 + n1 + n2, _mm512_maskz_compress_epi32(in3, b3));
+      packed += (n0 + n1) + (n2 + n3);
+    }
+    at_b = _mm512_add_epi32(at_b, at_b1);
+    at_c = _mm512_add_epi32(at_c, at_c1);
+  }
   for (; i + LANES <= stop; i += LANES) {
     __m512i b;
     if constexpr (RANDOM) b = (__m512i)score_vec<true>(piece, row + i, q0 + i);
@@ -347,6 +388,7 @@ void mask_pieces(const std::vector<Piece>& ps, const int64_t* lo, const int64_t*
         const __m512i abs512 = _mm512_set1_epi32(ABS);
         alignas(64) int32_t lanes[LANES];
         for (; i + LANES <= stop; i += LANES) {
+          _mm_prefetch(reinterpret_cast<const char*>(data + i + PREFETCH), _MM_HINT_T0);
           const __m512i raw = _mm512_loadu_si512(data + i);
           __m512i b;
           if constexpr (RANDOM) b = (__m512i)score_vec<true>(p, data + i, p.offset + i);
