@@ -23,8 +23,6 @@ the line
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from gmt_align import kernels  # noqa: E402
-from mask_overhead import smollm2_shapes  # noqa: E402
+from mask_overhead import cpu_name, heavy_tailed, smollm2_shapes  # noqa: E402
 
 
 def base_module(rev: str):
@@ -50,32 +48,27 @@ def base_module(rev: str):
         if shown.returncode != 0:
             raise SystemExit(f"kernel_ab: {relative} at {rev!r}: {shown.stderr.decode().strip().splitlines()[-1]}")
         sources.append(shown.stdout)
-    name = f"gmt_align_cpu_{kernels.cpp_capability().lower()}_{hashlib.sha1(b''.join(sources)).hexdigest()[:10]}"
+    name = kernels._cpp_name(sources)
     if name == kernels._cpp_name():
         return kernels.cpp_kernels(), name
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    folder = Path(_get_build_directory(name, verbose=False)).with_name(name + "-sources")
+    build = _get_build_directory(name, verbose=False)
+    folder = Path(build).with_name(name + "-sources")
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for path, text in zip(kernels._CPP_SOURCES, sources):
         files.append(folder / path.name)
         if not files[-1].exists() or files[-1].read_bytes() != text:
             files[-1].write_bytes(text)
-    print(f"# building the C++ kernels of {rev} once into {_get_build_directory(name, verbose=False)}",
-          file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(f) for f in files],
-                extra_cflags=["-O3", *kernels._CAPABILITY_FLAGS.get(kernels.cpp_capability(), [])]), name
+    if not (Path(build) / f"{name}.so").exists():
+        print(f"# building the C++ kernels of {rev} once into {build}", file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(f) for f in files], extra_cflags=kernels._cpp_cflags()), name
 
 
 def gradients(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for shape in shapes:
-        g = torch.randn(shape, generator=gen)
-        g.mul_(torch.rand(shape, generator=gen).add_(0.05).pow_(-0.5)).mul_(1e-4)
-        out.append(g.reshape(-1))
-    return out
+    return [heavy_tailed(shape, gen).reshape(-1) for shape in shapes]
 
 
 def main(argv=None) -> int:
@@ -133,13 +126,8 @@ def main(argv=None) -> int:
             times[("mask", build)].append(clock() - start)
             restore()
 
-    cpu = "CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     entries = sum(p.numel() for p in pieces)
-    print(f"# {cpu}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; "
+    print(f"# {cpu_name()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; "
           f"{entries / 1e6:.1f}M entries in {len(pieces)} tensors; base {args.base} ({base_name}), "
           f"new {kernels._cpp_name()}; {args.rounds} rounds; {'thread CPU' if one else 'wall'} time, ms")
     for (phase, build), values in times.items():

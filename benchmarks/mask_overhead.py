@@ -74,6 +74,19 @@ def smollm2_shapes() -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (hidden,))]
 
 
+def heavy_tailed(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A random gradient with heavier tails than a normal's, like real ones."""
+    g = torch.randn(shape, generator=gen)
+    return g.mul_(torch.rand(shape, generator=gen).add_(0.05).pow_(-0.5)).mul_(1e-4)
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 class Case:
     """Parameters and their pristine gradients (heavy-tailed, like real ones), restored before each run."""
 
@@ -85,8 +98,7 @@ class Case:
                        for _, shape in shapes]
         self.pristine = []
         for p in self.params:
-            g = torch.randn(p.shape, generator=gen)
-            g.mul_(torch.rand(p.shape, generator=gen).add_(0.05).pow_(-0.5)).mul_(1e-4)  # heavier tails
+            g = heavy_tailed(p.shape, gen)
             self.pristine.append(g.to(device))
             p.grad = g.clone().to(device)
         self.numel = sum(p.numel() for p in self.params)
@@ -226,12 +238,8 @@ def main(argv=None) -> int:
     if args.processes > 1:
         return over_processes(args, list(sys.argv[1:] if argv is None else argv))
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"{cpu_name()}, {torch.get_num_threads()} threads")
     if not kernels.compiled():
         kind = "eager"
     elif args.device == "cpu" and kernels.cpp_kernels() is not None:

@@ -123,14 +123,20 @@ def cpp_capability() -> str:
     return os.environ.get("GMT_ALIGN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
 
 
-def _cpp_name() -> str:
+def _cpp_name(sources: list[bytes] | None = None) -> str:
     """The extension's name holds the instruction set and a digest of the source: builds of different
     sources (another gmt-align version, another checkout) never share one folder of a shared
-    TORCH_EXTENSIONS_DIR, where a concurrent build of the other could be loaded."""
+    TORCH_EXTENSIONS_DIR, where a concurrent build of the other could be loaded. ``sources``: the
+    texts of ``_CPP_SOURCES`` in that order, if not this checkout's (benchmarks/kernel_ab.py)."""
     import hashlib
 
-    digest = hashlib.sha1(b"".join(source.read_bytes() for source in _CPP_SOURCES)).hexdigest()[:10]
-    return f"gmt_align_cpu_{cpp_capability().lower()}_{digest}"
+    if sources is None:
+        sources = [source.read_bytes() for source in _CPP_SOURCES]
+    return f"gmt_align_cpu_{cpp_capability().lower()}_{hashlib.sha1(b''.join(sources)).hexdigest()[:10]}"
+
+
+def _cpp_cflags() -> list[str]:
+    return ["-O3", *_CAPABILITY_FLAGS.get(cpp_capability(), [])]
 
 
 def cpp_build_directory() -> str:
@@ -166,7 +172,7 @@ def _load_cpp():
             print(f"gmt-align: building the C++ CPU kernels once (~30 s) into {cpp_build_directory()}",
                   file=sys.stderr, flush=True)
         return load(name=_cpp_name(), sources=[str(source) for source in _CPP_SOURCES],
-                    extra_cflags=["-O3", *_CAPABILITY_FLAGS.get(cpp_capability(), [])])
+                    extra_cflags=_cpp_cflags())
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: the torch.compile kernels
         logger.warning("gmt-align: the C++ CPU kernels could not be built (%s); using torch.compile",
                        str(error).splitlines()[0] if str(error) else type(error).__name__)
