@@ -42,8 +42,8 @@ def run_rank(args) -> dict:
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gmt_align.adapters import attach
-    from gmt_align.engine import MaskOptions
+    from gmt_align.backends import attach
+    from gmt_align.core.engine import MaskOptions
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
-from gmt_align import kernels, masked_weights  # noqa: E402
-from gmt_align.selection import keep_count, select_and_mask  # noqa: E402
+from gmt_align.core import kernels, masked_weights  # noqa: E402
+from gmt_align.core.selection import keep_count, select_and_mask  # noqa: E402
 
 KINDS = ("normal", "heavy", "ties", "zeros", "bf16", "fp16")
 QUICK_KINDS = ("heavy", "zeros", "bf16", "fp16")  # every gradient dtype, ties and zeros
@@ -93,7 +93,7 @@ def check_kernels(device: str, quick: bool) -> tuple[int, int]:
 
 
 def _check_kernels(device: str, quick: bool) -> tuple[int, int]:
-    from gmt_align.selection import RUN, RUNS
+    from gmt_align.core.selection import RUN, RUNS
 
     import torch._dynamo
 
@@ -183,8 +183,8 @@ def mask_overhead(device: str, quick: bool) -> str:
 def step_times(device: str, quick: bool, model_dir: Path | None, rounds: int, steps: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from gmt_align.adapters import attach
-    from gmt_align.engine import MaskOptions
+    from gmt_align.backends import attach
+    from gmt_align.core.engine import MaskOptions
 
     torch.manual_seed(0)
     if quick:

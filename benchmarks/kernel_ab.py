@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from gmt_align import kernels  # noqa: E402
+from gmt_align.core import kernels  # noqa: E402
 from mask_overhead import cpu_name, heavy_tailed, smollm2_shapes  # noqa: E402
 
 

@@ -55,9 +55,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gmt_align.engine import Fragment, MaskEngine, MaskOptions, TensorInfo  # noqa: E402
-from gmt_align import kernels  # noqa: E402
-from gmt_align.selection import keep_count  # noqa: E402
+from gmt_align.core.engine import Fragment, MaskEngine, MaskOptions, TensorInfo  # noqa: E402
+from gmt_align.core import kernels  # noqa: E402
+from gmt_align.core.selection import keep_count  # noqa: E402
 
 
 def smollm2_shapes() -> list[tuple[str, tuple[int, ...]]]:

@@ -42,9 +42,9 @@ def worker(args) -> None:
     os.chdir(ROOT)
     from transformers import TrainerCallback
 
-    from gmt_align.data import load_train_dataset
-    from gmt_align.recipe import parse_recipe
-    from gmt_align.trainers import GMTSFTTrainer
+    from gmt_align.cli.data import load_train_dataset
+    from gmt_align.cli.recipe import parse_recipe
+    from gmt_align.training.trainers import GMTSFTTrainer
 
     durations: list[float] = []
     applies: list[float] = []
@@ -82,7 +82,7 @@ def worker(args) -> None:
     ])
     training.model_init_kwargs = {"dtype": model.dtype}
     if args.zero:  # as `gmt-align sft` does: ZeRO-3 builds the model inside zero.Init, which must see both ranks
-        from gmt_align.distributed import ensure_deepspeed_comm
+        from gmt_align.core.distributed import ensure_deepspeed_comm
 
         ensure_deepspeed_comm(training)
     trainer = GMTSFTTrainer(model=model.model_name_or_path, args=training,

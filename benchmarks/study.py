@@ -115,8 +115,8 @@ def run_one(arm: str, seed: int, out: Path) -> None:
     """Train (unless ``base``), evaluate and write ``OUT/runs/ARM-sSEED.json`` last."""
     sys.path.insert(0, str(ROOT))
     from gmt_align.cli import main as cli
-    from gmt_align.evaluate import evaluate
-    from gmt_align.likelihood import evaluate_teacher_forced
+    from gmt_align.evaluation.evaluate import evaluate
+    from gmt_align.evaluation.likelihood import evaluate_teacher_forced
 
     method = ARMS[arm][0]
     scratch = ROOT / "outputs" / "study-scratch" / f"{out.name}-{arm}-s{seed}"

@@ -40,9 +40,9 @@ class StepClock(TrainerCallback):
 
 def step_time(telemetry: bool, steps: int, output_dir: str) -> float:
     """Seconds per optimizer step of one quickstart run in this process."""
-    from gmt_align.data import load_train_dataset
-    from gmt_align.recipe import parse_recipe
-    from gmt_align.trainers import GMTSFTTrainer
+    from gmt_align.cli.data import load_train_dataset
+    from gmt_align.cli.recipe import parse_recipe
+    from gmt_align.training.trainers import GMTSFTTrainer
 
     script, args, model_args = parse_recipe("sft", [
         "--config", "recipes/quickstart/sft.yaml", "--output_dir", output_dir, "--max_steps", str(steps),
@@ -62,9 +62,9 @@ def pass_time(repeats: int = 5) -> tuple[float, int]:
     over a gradient the size of the quickstart model's (magnitude masks)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gmt_align.adapters.hooks import tensor_table
-    from gmt_align.engine import Fragment, MaskEngine, MaskOptions
-    from gmt_align.telemetry import MaskTelemetry
+    from gmt_align.backends.hooks import tensor_table
+    from gmt_align.core.engine import Fragment, MaskEngine, MaskOptions
+    from gmt_align.training.telemetry import MaskTelemetry
 
     config = AutoConfig.from_pretrained(".cache/quickstart/SmolLM2-135M-Instruct")
     with torch.device("meta"):

@@ -49,8 +49,8 @@ def run_rank(args) -> dict:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gmt_align.adapters import attach
-    from gmt_align.engine import MaskOptions
+    from gmt_align.backends import attach
+    from gmt_align.core.engine import MaskOptions
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)

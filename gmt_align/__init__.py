@@ -1,5 +1,14 @@
 """gmt-align: Gradient-Mask Tuning for TRL's SFT and DPO trainers.
 
+The package is layered, each layer importing only those before it:
+
+- ``gmt_align.core``: the selection, its kernels, the masking engine, the all-reduce (torch only);
+- ``gmt_align.backends``: one module per optimizer kind, mapping what each rank holds;
+- ``gmt_align.training``: TRL's configs and trainers with GMT, telemetry, run folders;
+- ``gmt_align.evaluation``: held-out problems and metrics;
+- ``gmt_align.cli``: the ``gmt-align`` commands, recipes and their checks;
+- ``gmt_align.quickstart``: the quickstart's model and data.
+
 Names are imported on first use, so ``import gmt_align.quickstart`` or ``gmt-align --help`` does
 not pay for importing trl and transformers.
 """
@@ -9,16 +18,16 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GMTArguments": "config",
-    "GMTDPOConfig": "config",
-    "GMTSFTConfig": "config",
-    "GMTDPOTrainer": "trainers",
-    "GMTSFTTrainer": "trainers",
-    "MaskEngine": "engine",
-    "MaskOptions": "engine",
-    "NonFiniteGradientError": "selection",
-    "keep_count": "selection",
-    "select_thresholds": "selection",
+    "GMTArguments": "training.config",
+    "GMTDPOConfig": "training.config",
+    "GMTSFTConfig": "training.config",
+    "GMTDPOTrainer": "training.trainers",
+    "GMTSFTTrainer": "training.trainers",
+    "MaskEngine": "core.engine",
+    "MaskOptions": "core.engine",
+    "NonFiniteGradientError": "core.selection",
+    "keep_count": "core.selection",
+    "select_thresholds": "core.selection",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def pytest_sessionstart(session):
     """A killed build's lock in the shared extension cache makes every test that loads that extension
     (DeepSpeed's cpu_adam, its comm) wait forever: stop at once and say which folder to delete."""
-    from gmt_align.build_lock import stale_lock_problems
+    from gmt_align.core.build_lock import stale_lock_problems
 
     problems = stale_lock_problems()
     if problems:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gmt_align.selection import keep_count
+from gmt_align.core.selection import keep_count
 from multirank.launch import ROOT, run_ranks
 
 # Two GMT steps on 2 ranks x batch 1; cosine, so that a resumed run must also restore the scheduler.

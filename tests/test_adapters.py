@@ -5,9 +5,9 @@ import types
 import pytest
 import torch
 
-from gmt_align.adapters import UnsupportedOptimizerError, backend_for, torch_optimizer, zero3, zero12
-from gmt_align.adapters.layout import Contract
-from gmt_align.adapters.zero import REFUSALS, refusals_in_config
+from gmt_align.backends import UnsupportedOptimizerError, backend_for, torch_optimizer, zero3, zero12
+from gmt_align.backends.layout import Contract
+from gmt_align.backends.zero import REFUSALS, refusals_in_config
 
 
 def test_attach_dispatches_on_the_optimizer_class():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gmt_align.cli import main
-from gmt_align.recipe import parse_recipe
+from gmt_align.cli.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # A hub id that cannot be loaded offline: if a bad recipe got as far as loading it, the error
@@ -183,9 +183,9 @@ def test_checking_the_deepspeed_config_leaves_zero3_on_for_model_loading(smollm2
     that decides ``zero.Init`` when the model loads (else ZeRO-3 would load whole models on each rank)."""
     script = (
         "import os, sys\n"
-        "from gmt_align.distributed import single_process_environment\n"
+        "from gmt_align.core.distributed import single_process_environment\n"
         "os.environ.update(single_process_environment())\n"
-        "from gmt_align.recipe import parse_recipe\n"
+        "from gmt_align.cli.recipe import parse_recipe\n"
         "from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled\n"
         "_, args, _ = parse_recipe('sft', sys.argv[1:])\n"
         "print('zero3', is_deepspeed_zero3_enabled(), args.hf_deepspeed_config.is_zero3())\n"

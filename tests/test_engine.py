@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from gmt_align.adapters import attach as attach_gmt
-from gmt_align.engine import MaskOptions
-from gmt_align.selection import NonFiniteGradientError, keep_count
-from gmt_align.telemetry import MaskTelemetry
+from gmt_align.backends import attach as attach_gmt
+from gmt_align.core.engine import MaskOptions
+from gmt_align.core.selection import NonFiniteGradientError, keep_count
+from gmt_align.training.telemetry import MaskTelemetry
 
 
 class Tiny(nn.Module):

@@ -40,7 +40,7 @@ def test_one_line_before_the_cpp_kernels_build(capsys, monkeypatch, tmp_path):
     ninja rebuilds when the module is missing or build.ninja names another copy of the source."""
     import torch.utils.cpp_extension
 
-    from gmt_align import kernels
+    from gmt_align.core import kernels
 
     built = []
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
@@ -64,8 +64,8 @@ def test_a_killed_builds_lock_is_refused_not_waited_on(capsys, caplog, monkeypat
 
     from cli_helpers import recipe_writer, run
 
-    from gmt_align import kernels
-    from gmt_align.build_lock import stale_lock
+    from gmt_align.core import kernels
+    from gmt_align.core.build_lock import stale_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     folder = tmp_path / "extensions" / "cpu_adam"
@@ -105,7 +105,7 @@ def test_readme_installation_names_real_extras():
 
 def test_the_default_ratio_is_stated_as_it_is():
     """Every "default ... <number>" in the README, docs, recipes and config states the real default."""
-    from gmt_align.config import GMTArguments
+    from gmt_align.training.config import GMTArguments
 
     default = GMTArguments().gmt_mask_ratio
     files = [ROOT / "README.md", ROOT / "gmt_align" / "config.py", *(ROOT / "docs").glob("*.md"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gmt_align import evaluate as ev
+from gmt_align.evaluation import evaluate as ev
 from gmt_align import quickstart as qs
 from gmt_align.cli import main as cli_main
 

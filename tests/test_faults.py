@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from gmt_align import GMTSFTConfig, GMTSFTTrainer
 from gmt_align.cli import main as cli_main
-from gmt_align.config import GMTSettingError
-from gmt_align.runs import RunFolderError, complete_checkpoint, prepare_run_folder, saved_record
-from gmt_align.selection import NonFiniteGradientError
-from gmt_align.stats_file import read_run_id
+from gmt_align.training.config import GMTSettingError
+from gmt_align.training.runs import RunFolderError, complete_checkpoint, prepare_run_folder, saved_record
+from gmt_align.core.selection import NonFiniteGradientError
+from gmt_align.training.stats_file import read_run_id
 from multirank.launch import run_ranks
 from quickstart_runs import recipe_argv
 from test_trainers import COMMON, sft_data, tiny_llama
@@ -104,7 +104,7 @@ def test_opted_in_resume_under_new_settings_restarts_telemetry(tokenizer, checkp
 def test_resume_true_from_the_command_line_takes_the_newest_complete_checkpoint(quickstart_files, checkpointed,
                                                                                tmp_path, capsys):
     """A kill while saving leaves checkpoint-2 with the model but no trainer_state.json."""
-    from gmt_align.recipe import parse_recipe
+    from gmt_align.cli.recipe import parse_recipe
 
     run = copy_run(checkpointed, tmp_path)
     (run / "checkpoint-2" / "trainer_state.json").unlink()
@@ -239,7 +239,7 @@ def test_a_diverging_zero2_run_stops_every_rank_with_one_line(quickstart_files, 
 def test_ignore_bias_buffers_is_applied_as_trl_dpo_applies_it():
     """TRL's ScriptArguments field is honoured, not accepted and dropped: boolean buffers are left out
     of DDP's synchronisation (``_ddp_params_and_buffers_to_ignore``)."""
-    from gmt_align.train import ignore_bool_buffers
+    from gmt_align.cli.train import ignore_bool_buffers
 
     model = torch.nn.Linear(2, 2)
     model.register_buffer("causal_mask", torch.ones(2, 2, dtype=torch.bool))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from gmt_align.adapters.fsdp2 import FSDP1_REFUSAL, fsdp_problems
+from gmt_align.backends.fsdp2 import FSDP1_REFUSAL, fsdp_problems
 from multirank.launch import ROOT, free_port, rank_env, run_together
 
 MATRIX = [
@@ -192,7 +192,7 @@ def one_line_refusal(capsys, *argv):
 
 
 def test_fsdp1_in_the_recipe_is_refused_by_validate_and_before_loading(capsys, recipe):
-    from gmt_align.validate import validate_recipe
+    from gmt_align.cli.validate import validate_recipe
 
     path = recipe(fsdp=True, fsdp_config={"version": 1})
     assert [p for p in validate_recipe(path).problems if "FSDP" in p] == [f"{path}: {FSDP1_REFUSAL}"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gmt_align import evaluate as ev
-from gmt_align import likelihood as lk
+from gmt_align.evaluation import evaluate as ev
+from gmt_align.evaluation import likelihood as lk
 from gmt_align import quickstart as qs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from gmt_align import masked_weights
-from gmt_align.engine import Fragment, MaskEngine, MaskOptions, TensorInfo
+from gmt_align.core import masked_weights
+from gmt_align.core.engine import Fragment, MaskEngine, MaskOptions, TensorInfo
 
 
 @pytest.fixture(params=["cpp", "torch"])

@@ -61,7 +61,7 @@ def test_launch_slurm_on_two_nodes_saves_what_one_node_saves(zero2_reference, tm
 def test_accelerate_configs_are_what_accelerate_reads(config, monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from gmt_align.validate import validate_recipe
+    from gmt_align.cli.validate import validate_recipe
 
     loaded = load_config_from_file(str(ROOT / "recipes" / "accelerate_configs" / f"{config}.yaml"))
     assert loaded.deepspeed_config.get("deepspeed_multinode_launcher", "standard") == "standard"

@@ -73,7 +73,7 @@ def test_recipes_name_shipped_templates(template):
 
 
 def test_instruction_response_columns_become_trl_prompt_completion(tmp_path):
-    from gmt_align.data import load_train_dataset
+    from gmt_align.cli.data import load_train_dataset
 
     data = tmp_path / "code.jsonl"
     data.write_text('{"instruction": "Reverse a list.", "response": "xs[::-1]", "lang": "python"}\n')

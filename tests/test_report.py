@@ -1,4 +1,4 @@
-"""``gmt-align report`` on synthetic stats files, and gmt_stats.jsonl's one-run rule (gmt_align.stats_file)."""
+"""``gmt-align report`` on synthetic stats files, and gmt_stats.jsonl's one-run rule (gmt_align.training.stats_file)."""
 
 import json
 import random
@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from gmt_align.cli import main as cli
-from gmt_align.report import MAX_COLUMNS, bin_columns, standouts
-from gmt_align.stats_file import TelemetryStateError, continue_run, read_records
+from gmt_align.cli.report import MAX_COLUMNS, bin_columns, standouts
+from gmt_align.training.stats_file import TelemetryStateError, continue_run, read_records
 
 BLOCKS = 30
 

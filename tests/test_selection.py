@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
-from gmt_align import kernels
-from gmt_align.rules import random_chunks
-from gmt_align.selection import (
+from gmt_align.core import kernels
+from gmt_align.core.rules import random_chunks
+from gmt_align.core.selection import (
     INF_BITS,
     NonFiniteGradientError,
     chunks_of,
@@ -169,7 +169,7 @@ def test_radix_within_ranks_find_the_need_th_largest_candidate(num_units):
     """Candidates of units with spans from 1 to 2^22 (one to three rounds; units stop at different
     rounds), split over 3 thread-ranks, some ranks holding none of a unit: every rank must find,
     per unit, the need-th largest candidate of all ranks (a sort's answer)."""
-    from gmt_align.radix import radix_within
+    from gmt_align.core.radix import radix_within
 
     world = 3
     gen = torch.Generator().manual_seed(num_units)
@@ -271,7 +271,7 @@ def test_select_and_mask_matches_sort(kernel_mode, kind):
 
 
 def test_select_and_mask_on_big_units_uses_the_runs_and_stays_exact(kernel_mode):
-    from gmt_align.selection import RUN, RUNS
+    from gmt_align.core.selection import RUN, RUNS
 
     n = 8 * RUN * RUNS + 12_345  # big enough for the counting of runs
     for kind in ("normal", "heavy", "ties"):
@@ -350,7 +350,7 @@ def test_cpp_kernels_that_do_not_build_fall_back_with_a_warning(monkeypatch, cap
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setattr(kernels, "_CPP", [])  # forget the loaded module, for this test only
-    with caplog.at_level("WARNING", logger="gmt_align.kernels"):
+    with caplog.at_level("WARNING", logger="gmt_align.core.kernels"):
         assert kernels.cpp_kernels() is None
         g = torch.tensor([3.0, -1.0, 0.5, 2.0])
         assert kernels.count_at_least(g, torch.tensor([0, INF_BITS], dtype=torch.int32)).tolist() == [4, 0]
@@ -361,7 +361,7 @@ def test_cpp_kernels_that_do_not_build_fall_back_with_a_warning(monkeypatch, cap
 def test_select_and_mask_ranks_get_the_single_process_mask():
     """3 threads stand in for ranks: shards of each unit, a barrier 'all-reduce'; every shard must be
     masked as the unsharded unit is, and every rank must take the same number of rounds."""
-    from gmt_align.selection import RUN, RUNS
+    from gmt_align.core.selection import RUN, RUNS
 
     world = 3
     units = [unit_of("normal", 8 * RUN * RUNS + 5, 7), unit_of("heavy", 100_003, 8), unit_of("ties", 999, 9),
@@ -381,7 +381,7 @@ def test_select_and_mask_ranks_get_the_single_process_mask():
 
 # --- batched kernels and random scores ------------------------------------------------------------
 def test_random_scores_of_the_cpp_kernels_are_the_torch_formula():
-    from gmt_align.batch_kernels import random_bits, random_range
+    from gmt_align.core.batch_kernels import random_bits, random_range
 
     assert kernels.cpp_kernels() is not None, "the C++ CPU kernels did not build"
     key = (7 << 40) + 12345
@@ -392,7 +392,7 @@ def test_random_scores_of_the_cpp_kernels_are_the_torch_formula():
 
 
 def test_count_many_counts_every_piece_with_its_own_probes(kernel_mode):
-    from gmt_align.batch_kernels import count_many, random_bits
+    from gmt_align.core.batch_kernels import count_many, random_bits
 
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(n, generator=gen) for n in (0, 5, 4096, 4097, 70_001)]
@@ -417,7 +417,7 @@ def test_count_many_counts_every_piece_with_its_own_probes(kernel_mode):
 def test_random_select_and_mask_matches_sort_of_the_scores(kernel_mode, ratio):
     """Random selection is the magnitude machinery over position-keyed scores: the exact keep-th largest
     score of each unit (no floor), over pieces at their offsets, and the masked gradient."""
-    from gmt_align.batch_kernels import random_bits
+    from gmt_align.core.batch_kernels import random_bits
 
     gen = torch.Generator().manual_seed(4)
     units = [torch.randn(n, generator=gen) for n in (1, 64, 1000, 300_001)]

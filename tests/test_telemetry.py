@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gmt_align.runs import RunFolderError
+from gmt_align.training.runs import RunFolderError
 import torch
 from transformers import AutoTokenizer
 
 from gmt_align import GMTSFTConfig, GMTSFTTrainer
 from gmt_align.cli import main as cli
-from gmt_align.engine import Fragment, MaskEngine, MaskOptions, TensorInfo
-import gmt_align.telemetry as telemetry_module
+from gmt_align.core.engine import Fragment, MaskEngine, MaskOptions, TensorInfo
+import gmt_align.training.telemetry as telemetry_module
 from gmt_align.quickstart import prepare_quickstart
-from gmt_align.figures import HEADLINE
-from gmt_align.report import load_stats
-from gmt_align.stats_file import TelemetryStateError
-from gmt_align.telemetry import (
+from gmt_align.training.figures import HEADLINE
+from gmt_align.cli.report import load_stats
+from gmt_align.training.stats_file import TelemetryStateError
+from gmt_align.training.telemetry import (
     MaskTelemetry,
     pack_bits,
     pack_bits_torch,
@@ -345,7 +345,7 @@ def test_resume_continues_the_run_and_its_coverage(wandb_run, tokenizer, tmp_pat
     for key in ("gmt/kept_fraction", "gmt/retained_energy", "gmt/churn", "gmt/coverage", "gmt/churn/block_01"):
         assert continued[1][key] == original[1][key], key  # the same run, interrupted: the same figures
     # A new run never appends to another run's file: the folder is refused before anything starts
-    # (gmt_align.runs; stats_file.continue_run's own refusal is the second guard, tested in test_report).
+    # (gmt_align.training.runs; stats_file.continue_run's own refusal is the second guard, tested in test_report).
     with pytest.raises(RunFolderError, match="already holds a run"):
         train(tokenizer, again, report_to="none", save_strategy="no")
     assert load_stats(again / "gmt_stats.jsonl") == continued

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from gmt_align import GMTDPOConfig, GMTDPOTrainer, GMTSFTConfig, GMTSFTTrainer
-from gmt_align.engine import MaskEngine
-from gmt_align.selection import keep_count
+from gmt_align.core.engine import MaskEngine
+from gmt_align.core.selection import keep_count
 
 COMMON = dict(
     bf16=False,

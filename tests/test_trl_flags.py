@@ -18,10 +18,10 @@ from cli_helpers import messages, recipe_writer, run, validate, write_jsonl
 from safetensors.torch import load_file
 
 from gmt_align.cli import main
-from gmt_align.environment import installed
-from gmt_align.selection import keep_count
-from gmt_align.data import load_datasets
-from gmt_align.recipe import parse_recipe
+from gmt_align.training.machine import installed
+from gmt_align.core.selection import keep_count
+from gmt_align.cli.data import load_datasets
+from gmt_align.cli.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "trl-options.md"
@@ -90,7 +90,7 @@ def test_lora_first_step_keeps_no_entry_of_a(lora_run):
 def test_eval_takes_the_adapter_directory(lora_run, capsys, monkeypatch, smollm2_dir):
     from transformers import AutoModelForCausalLM
 
-    from gmt_align.evaluate import load
+    from gmt_align.evaluation.evaluate import load
 
     out, _ = lora_run
     argv = doc_command("gmt-align eval --model outputs/quickstart-lora")

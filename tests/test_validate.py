@@ -12,7 +12,7 @@ import yaml
 
 from gmt_align.cli import main
 from gmt_align.quickstart import prepare_quickstart
-from gmt_align.validate import infer_method, validate_recipe
+from gmt_align.cli.validate import infer_method, validate_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.relative_to(ROOT) for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate_configs" not in p.parts)

@@ -5,7 +5,7 @@ process without a launcher, against 1 plain process."""
 import pytest
 
 from gmt_align.quickstart import prepare_quickstart
-from gmt_align.selection import keep_count
+from gmt_align.core.selection import keep_count
 from launchers import launch
 from multirank.launch import ROOT
 from quickstart_runs import (

@@ -18,13 +18,13 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from gmt_align.adapters import attach
+from gmt_align.backends import attach
 from recording import record_masks
-from gmt_align.adapters.fsdp2 import contract_missing
-from gmt_align.engine import MaskOptions
-from gmt_align.rules import random_chunks
-from gmt_align.selection import NonFiniteGradientError, keep_count
-from gmt_align.telemetry import MaskTelemetry
+from gmt_align.backends.fsdp2 import contract_missing
+from gmt_align.core.engine import MaskOptions
+from gmt_align.core.rules import random_chunks
+from gmt_align.core.selection import NonFiniteGradientError, keep_count
+from gmt_align.training.telemetry import MaskTelemetry
 
 
 class Odd(nn.Module):

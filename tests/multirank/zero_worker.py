@@ -16,10 +16,10 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from torch import nn
 
-from gmt_align.adapters import DEEPSPEED_BACKENDS, attach
-from gmt_align.engine import MaskOptions
-from gmt_align.rules import random_chunks
-from gmt_align.selection import keep_count
+from gmt_align.backends import DEEPSPEED_BACKENDS, attach
+from gmt_align.core.engine import MaskOptions
+from gmt_align.core.rules import random_chunks
+from gmt_align.core.selection import keep_count
 from recording import record_masks
 
 

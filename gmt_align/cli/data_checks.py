@@ -1,0 +1,104 @@
+"""The columns and rows each trainer needs, checked on the loaded data before the model loads.
+
+TRL's trainers would otherwise stop deep in their preprocessing with ``KeyError: 'text'`` or a
+``TypeError`` on a null, after the model has loaded. What is needed:
+
+- SFT (TRL's formats, in TRL's order): ``messages`` (or ShareGPT's ``conversations``), the
+  ``dataset_text_field`` (``text``), or ``prompt`` and ``completion``. A tokenized dataset
+  (``input_ids``) and ``dataset_kwargs: {skip_prepare_dataset: true}`` are taken as they are.
+- DPO: ``chosen`` and ``rejected`` (``prompt`` is optional: TRL extracts an implicit one).
+- With ``dataset_prompt_column`` / ``dataset_completion_column``: those two columns.
+
+A row where a needed column is missing (null: JSON Lines rows need not share their keys) or a
+conversation is empty is named by its number, and by its line in a ``.jsonl`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DataError, option_value
+
+__all__ = ["check_rows", "needed_columns"]
+
+
+def needed_columns(method: str, columns: list[str], script_args, training_args, where: str) -> list[str]:
+    """The columns the trainer will read (empty: nothing to check); :class:`DataError` if absent."""
+    have = f"it has: {', '.join(columns) or 'no columns'}"
+    prompt, completion = option_value(script_args, "dataset_prompt_column"), option_value(script_args, "dataset_completion_column")
+    if prompt is not None:
+        for key, column in (("dataset_prompt_column", prompt), ("dataset_completion_column", completion)):
+            if column not in columns:
+                raise DataError(f"{where}: no column {column!r} ({key}); {have}")
+        return [prompt, completion]
+    if method == "dpo":
+        missing = [c for c in ("chosen", "rejected") if c not in columns]
+        if missing:
+            raise DataError(f"{where}: DPO needs 'chosen' and 'rejected' columns, and {' and '.join(map(repr, missing))} "
+                            f"{'is' if len(missing) == 1 else 'are'} missing; {have}")
+        return [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    kwargs = option_value(training_args, "dataset_kwargs") or {}
+    if "input_ids" in columns or kwargs.get("skip_prepare_dataset"):
+        return []
+    text = option_value(training_args, "dataset_text_field", "text")
+    for needed in (["messages"], ["conversations"], [text], ["prompt", "completion"]):
+        if all(c in columns for c in needed):
+            return needed
+    hint = "has 'prompt' but no 'completion'" if "prompt" in columns else have
+    raise DataError(f"{where}: no SFT column: TRL's SFT reads 'messages', {text!r} (plain text), or 'prompt' and "
+                    f"'completion' ({hint}; two text columns can be named with dataset_prompt_column and "
+                    "dataset_completion_column)")
+
+
+def check_rows(dataset, method: str, script_args, training_args, where: str):
+    """``dataset`` unchanged if every row has what ``method`` needs; else :class:`DataError`."""
+    columns = dataset.column_names
+    if columns is None:  # a streamed dataset: its first row's keys (rows are not read ahead)
+        first = next(iter(dataset), None)
+        if first is None:
+            raise DataError(f"{where}: no rows")
+        columns = list(first)
+    needed = needed_columns(method, list(columns), script_args, training_args, where)
+    from datasets import Dataset
+
+    if not needed or not isinstance(dataset, Dataset):  # streamed: rows are not read ahead
+        return dataset
+    if len(dataset) == 0:
+        raise DataError(f"{where}: no rows")
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = dataset.select_columns(needed).with_format("arrow")[:]
+    for column in needed:
+        values = table.column(column)
+        if column in ("messages", "conversations") and pa.types.is_string(values.type):
+            raise DataError(f"{where}: {column!r} must be a list of {{role, content}} turns, but holds text "
+                            f"(row {_row(where, 0)}); plain text goes in a 'text' column")
+        missing = pc.is_null(values)
+        bad = missing
+        if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):  # a conversation with no turn
+            bad = pc.or_(missing, pc.fill_null(pc.equal(pc.list_value_length(values), 0), False))
+        first = pc.index(bad, True).as_py()
+        if first >= 0:
+            count = pc.sum(bad).as_py()
+            what = "no" if missing[first].as_py() else "an empty"
+            raise DataError(f"{where} row {_row(where, first)}: {what} {column!r}"
+                            + (f" ({count} such rows)" if count > 1 else ""))
+    return dataset
+
+
+def _row(where: str, index: int) -> str:
+    """Row ``index`` (0-based) as users find it: its number, and its line in a JSON Lines file."""
+    path = Path(where).expanduser()
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+        return str(index + 1)
+    with open(path, encoding="utf-8") as lines:
+        seen = -1
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                if number == 1 and line.lstrip().startswith("["):
+                    break  # a JSON array: rows are not lines
+                seen += 1
+                if seen == index:
+                    return f"{index + 1} (line {number})"
+    return str(index + 1)

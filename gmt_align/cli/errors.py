@@ -1,0 +1,20 @@
+"""The errors of the command line: each message is one line, printed as ``gmt-align CMD: error: ...``
+with exit status 2, before any model loads."""
+
+__all__ = ["DataError", "RecipeError", "option_value"]
+
+
+class RecipeError(ValueError):
+    """A recipe or command line that cannot run; the message is one line naming the culprit."""
+
+
+class DataError(ValueError):
+    """Data that cannot train: the message is one line naming the file, the row and the problem."""
+
+
+def option_value(obj, name: str, default=None):
+    """A field of parsed arguments, of a raw recipe namespace (validate), or of a mixture entry (dict)."""
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    value = getattr(obj, name, default)
+    return default if value is None and default is not None else value

@@ -1,0 +1,83 @@
+"""``gmt-align sft`` and ``gmt-align dpo``: train with GMT from a parsed recipe, as TRL's ``sft.py`` does.
+
+```bash
+gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
+accelerate launch -m gmt_align.cli sft --config recipes/quickstart/sft.yaml
+deepspeed --module gmt_align.cli dpo --config recipes/quickstart/dpo.yaml
+```
+
+The recipe is read and checked by :func:`gmt_align.cli.recipe.parse_recipe` before this module runs: a
+bad recipe fails in seconds with one line, not after minutes of loading. Here: data, model, trainer,
+training, saving.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gmt_align.core.contract import Contract
+
+from .data import load_datasets
+
+__all__ = ["CONTRACT", "ignore_bool_buffers", "model_kwargs", "train"]
+
+# DDP's own helper for the names it leaves unsynchronised (what TRL's dpo script sets by hand).
+CONTRACT = Contract(checked_with="torch 2.13", names=(
+    "torch.nn.parallel:DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",))
+
+
+def model_kwargs(model_args) -> dict:
+    """The trainer's ``peft_config`` and ``quantization_config``, built as ``trl sft`` builds them
+    (after :func:`~gmt_align.cli.environment.machine_problems` has refused what this machine cannot run)."""
+    from trl import get_peft_config, get_quantization_config
+
+    return {"peft_config": get_peft_config(model_args), "quantization_config": get_quantization_config(model_args)}
+
+
+def ignore_bool_buffers(model) -> list[str]:
+    """``ignore_bias_buffers``, as TRL's ``dpo`` script applies it: DDP leaves the model's boolean
+    buffers (e.g. causal masks of older architectures) unsynchronised across ranks."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = [name for name, buffer in model.named_buffers() if buffer.dtype == torch.bool]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)  # listed in CONTRACT
+    return ignored
+
+
+def train(method: str, script_args, training_args, model_args):
+    """Load data and model, train with GMT, save model + tokenizer to ``output_dir``."""
+    import transformers
+    from packaging.version import Version
+
+    from gmt_align.core.distributed import ensure_deepspeed_comm
+    from gmt_align.training.trainers import GMTDPOTrainer, GMTSFTTrainer
+
+    # Before the model: a bad file fails in seconds, with one line naming it (DataError).
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, method)
+    if training_args.deepspeed:
+        ensure_deepspeed_comm(training_args)
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    trainer_class = {"sft": GMTSFTTrainer, "dpo": GMTDPOTrainer}[method]
+    trainer = trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        **model_kwargs(model_args),
+    )
+    if script_args.ignore_bias_buffers:
+        ignore_bool_buffers(trainer.model)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"gmt-align: model saved to {os.path.abspath(training_args.output_dir)}")
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+    return trainer
