@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 # GMT's torch.compile kernels (gmt_align/kernels.py), likewise compiled once and shared.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/torchinductor
 
-.PHONY: quickstart test install
+.PHONY: quickstart test test-fast install
 
 install: $(STAMP)
 
@@ -31,3 +31,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The core in under 2 minutes: no real ranks, launchers, real model or benchmarks (tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 
@@ -108,7 +107,7 @@ def main() -> None:
 
     import tempfile
 
-    from multirank.launch import run_ranks
+    from gmt_align.testing import run_ranks
 
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "rows.json"

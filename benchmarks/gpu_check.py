@@ -5,7 +5,7 @@
 What ``benchmarks/gpu_check.sh`` runs (see there; ``--device cpu --quick`` is its CPU mode, which a
 test runs). Three parts, each printing its lines, then one summary line:
 
-1. **kernels** — on the selection test cases of tests/test_selection.py (``unit_of``: normal, heavy
+1. **kernels** — on the selection test cases (``gmt_align.testing.gradient_case``, as tests/test_selection.py: normal, heavy
    tailed, ties, exact zeros, bf16 and fp16 gradients; sizes 1 to 300 001, plus one big enough for
    the counted runs), ``select_and_mask`` on the device with the ``torch.compile`` kernels
    (``GMT_ALIGN_COMPILE=1``) against the eager torch ops (``GMT_ALIGN_COMPILE=0``): thresholds, kept
@@ -38,23 +38,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
 from gmt_align.core import kernels, masked_weights  # noqa: E402
 from gmt_align.core.selection import keep_count, select_and_mask  # noqa: E402
+from gmt_align.testing import gradient_case as unit_of  # noqa: E402  (the selection tests' own cases)
 
 KINDS = ("normal", "heavy", "ties", "zeros", "bf16", "fp16")
 QUICK_KINDS = ("heavy", "zeros", "bf16", "fp16")  # every gradient dtype, ties and zeros
 RATIOS = (0.0, 0.2, 0.6, 0.999)
 QUICK_RATIOS = (0.2,)
-
-
-def unit_of(kind: str, n: int, seed: int) -> torch.Tensor:
-    from test_selection import unit_of as cases  # the selection tests' own cases
-
-    return cases(kind, n, seed)
 
 
 def sorted_threshold(g: torch.Tensor, k: int) -> int:

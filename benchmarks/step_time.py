@@ -120,8 +120,7 @@ def main(argv=None) -> int:
                 command = [__file__, "--worker", "--out", str(out), "--output_dir", str(Path(tmp) / arm),
                            "--steps", str(args.steps), "--ratio", str(ratio), "--granularity", args.granularity]
                 if args.zero:
-                    sys.path.insert(0, str(ROOT / "tests"))
-                    from multirank.launch import run_ranks
+                                        from gmt_align.testing import run_ranks
 
                     ranks = run_ranks([*command, "--zero", str(args.zero)], world=2, timeout=3000)
                     failed = next((rank.stdout for rank in ranks if rank.returncode), None)

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 
@@ -113,7 +112,7 @@ def main() -> None:
 
     import tempfile
 
-    from multirank.launch import run_ranks
+    from gmt_align.testing import run_ranks
 
     print(f"2 ranks, gloo, CPU; SmolLM2-135M shapes (134.5M params), ratio {args.ratio}, {args.mode} mode, "
           f"{args.steps} steps per run, {args.rounds} rounds of fresh GMT / vanilla runs", flush=True)

@@ -25,6 +25,21 @@ _bind_library_loggers_to_the_real_streams()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The slow tier: what starts real ranks, runs a documented launcher line, loads the real model, runs a
+# benchmark, or builds the C++ kernels for another instruction set. `make test` runs everything; `make test-fast` (pytest -m "not slow") the rest.
+SLOW_KINDS = ("multirank", "launcher", "real_model", "benchmark", "build")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that takes the real model (the smollm2_dir fixture, directly or through another
+    fixture) is a real-model test; every test of a slow kind is slow."""
+    for item in items:
+        if "smollm2_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.real_model)
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionstart(session):
     """A killed build's lock in the shared extension cache makes every test that loads that extension
     (DeepSpeed's cpu_adam, its comm) wait forever: stop at once and say which folder to delete."""

@@ -37,7 +37,7 @@ def test_a_renamed_attribute_is_refused_at_attach_in_one_line():
 
 
 def test_a_conditional_attribute_must_exist_exactly_when_its_condition_holds():
-    contract = Contract(optimizer=("partial_offload",),
+    contract = Contract(checked_with="deepspeed 0.19.8", optimizer=("partial_offload",),
                         conditional={"backup_optimizer": lambda optimizer: optimizer.partial_offload < 1})
     assert contract.missing(types.SimpleNamespace(partial_offload=1.0)) == []
     assert contract.missing(types.SimpleNamespace(partial_offload=0.5)) == ["backup_optimizer (expected present)"]

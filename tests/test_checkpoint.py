@@ -15,10 +15,11 @@ import shutil
 
 import pytest
 import torch
-
 from launchers import launch
 from multirank.launch import ROOT
 from quickstart_runs import SAVE_EACH_STEP, TWO_STEPS, same_weights, saved_weights
+
+pytestmark = [pytest.mark.multirank, pytest.mark.launcher]
 
 LOGGED_STEP = "'gmt/kept_fraction': '0.7'"  # one per optimizer step (logging_steps 1), over both ranks
 

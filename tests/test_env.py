@@ -108,7 +108,7 @@ def test_the_default_ratio_is_stated_as_it_is():
     from gmt_align.training.config import GMTArguments
 
     default = GMTArguments().gmt_mask_ratio
-    files = [ROOT / "README.md", ROOT / "gmt_align" / "config.py", *(ROOT / "docs").glob("*.md"),
+    files = [ROOT / "README.md", ROOT / "gmt_align" / "training" / "config.py", *(ROOT / "docs").glob("*.md"),
              *(ROOT / "recipes").rglob("*.yaml")]
     stated = {(path.name, m.group(1)) for path in files for m in re.finditer(r"default[^.\d\n]{0,20}(\d\.\d+)",
                                                                                path.read_text())}

@@ -99,17 +99,18 @@ def test_seeds():
 
 
 def test_wilson_interval_by_hand():
-    # k = 30 of n = 100, z = 1.96: p = 0.3, z^2 = 3.8416
-    # centre = (0.3 + 3.8416/200) / (1 + 3.8416/100) = 0.319208 / 1.038416 = 0.3073990
-    # half   = 1.96 / 1.038416 * sqrt(0.21/100 + 3.8416/40000) = 1.8874902 * 0.0468619 = 0.0884514
-    lo, hi = ev.wilson_interval(30, 100, z=1.96)
-    assert lo == pytest.approx(0.3073990 - 0.0884514, abs=1e-6)  # 0.218948
-    assert hi == pytest.approx(0.3073990 + 0.0884514, abs=1e-6)  # 0.395850
+    z = 1.959963984540054  # the standard normal's 0.975 quantile
+    # k = 30 of n = 100: p = 0.3; centre = (p + z^2/2n) / (1 + z^2/n), half = z/(1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2)
+    centre = (0.3 + z * z / 200) / (1 + z * z / 100)
+    half = z / (1 + z * z / 100) * (0.21 / 100 + z * z / 40000) ** 0.5
+    lo, hi = ev.wilson_interval(30, 100)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    assert (lo, hi) == pytest.approx((0.218948, 0.395850), abs=1e-4)  # z = 1.96's figures, to four places
     lo, hi = ev.wilson_interval(0, 10)  # never below 0; upper = z^2/(n + z^2)
-    assert lo == 0.0 and hi == pytest.approx(ev.Z95**2 / (10 + ev.Z95**2))
+    assert lo == 0.0 and hi == pytest.approx(z**2 / (10 + z**2))
     lo, hi = ev.wilson_interval(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(10 / (10 + ev.Z95**2))
-    assert ev.Z95 == pytest.approx(1.959964, abs=1e-6)
+    assert hi == 1.0 and lo == pytest.approx(10 / (10 + z**2))
+    assert ev.wilson_interval(30, 100, confidence=0.99)[0] < ev.wilson_interval(30, 100)[0]  # wider
     with pytest.raises(ValueError):
         ev.wilson_interval(1, 0)
 

@@ -221,6 +221,7 @@ def test_exclude_everything_is_one_line_from_the_command(quickstart_files, tmp_p
 
 
 # --- a diverging run under ZeRO-2 (fp32), on 2 real ranks ---------------------------------------------
+@pytest.mark.multirank
 def test_a_diverging_zero2_run_stops_every_rank_with_one_line(quickstart_files, smollm2_dir, tmp_path):
     """DeepSpeed skips a step whose gradient norm is inf/NaN before GMT's hooks run ("OVERFLOW!
     Skipping step"); GMT turns that into the same error as on one process, on every rank."""

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 import yaml
+from multirank.launch import ROOT, free_port, rank_env, run_together
 
 from gmt_align.backends.fsdp2 import FSDP1_REFUSAL, fsdp_problems
-from multirank.launch import ROOT, free_port, rank_env, run_together
+
+pytestmark = pytest.mark.multirank
 
 MATRIX = [
     dict(dtype=dtype, granularity=granularity, mode=mode, ratio=0.3)

@@ -21,8 +21,6 @@ import os
 import shutil
 
 import pytest
-
-from gmt_align.quickstart import prepare_quickstart
 from launchers import launch
 from multirank.launch import ROOT, cpu_env, free_port
 from quickstart_runs import (
@@ -33,6 +31,10 @@ from quickstart_runs import (
     saved_weights,
     unchanged_masks,
 )
+
+from gmt_align.quickstart import prepare_quickstart
+
+pytestmark = [pytest.mark.multirank, pytest.mark.launcher]
 
 RATIO = 0.3
 GMT = ["--gmt_mode", "update", "--gmt_mask_ratio", str(RATIO)]

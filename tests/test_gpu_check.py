@@ -6,7 +6,10 @@ import os
 import re
 import subprocess
 
+import pytest
 from multirank.launch import ROOT
+
+pytestmark = pytest.mark.benchmark
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from multirank.launch import ROOT
+
+pytestmark = pytest.mark.benchmark
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gmt_align.cli.evaluate import main as eval_command
 from gmt_align.evaluation import evaluate as ev
 from gmt_align.evaluation import likelihood as lk
 from gmt_align import quickstart as qs
@@ -169,7 +170,7 @@ def test_metric_bad_input_is_one_line(args, needle, capsys, tmp_path, monkeypatc
     model.mkdir()
     (model / "config.json").write_text("{not json")
     monkeypatch.setattr(ev, "load", lambda *a: pytest.fail("loaded the model"))
-    assert ev.main(["--model", str(model), *[a.format(model=model) for a in args]]) == 2
+    assert eval_command(["--model", str(model), *[a.format(model=model) for a in args]]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("gmt-align eval: error: ") and needle in lines[0], lines
 

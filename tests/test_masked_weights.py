@@ -29,7 +29,10 @@ def gradient(n: int, dtype=torch.float32) -> torch.Tensor:
     return g.to(dtype)
 
 
-@pytest.mark.parametrize("n", [1, 15, 17, 4096, 65_535, 65_537, 200_003])
+PACK_SIZES = (1, 15, 17, 4096, 65_535, 65_537, 200_003)
+
+
+@pytest.mark.parametrize("n", PACK_SIZES)
 def test_pack_then_unpack_restores_exactly_the_masked_weights(path, n):
     """Odd sizes around the 16-lane vectors and the 65 536-entry chunks; thresholds 1 (the zeros: what
     magnitude selection masks) and a median (ties, denormals and signs on both sides)."""
@@ -89,16 +92,16 @@ def test_update_mode_holds_about_the_ratio_of_the_weights_and_reuses_it(path):
     assert buffers[0] == buffers[1] == buffers[2]  # the same buffers (values, and the C++ path's marks)
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("capability", ["DEFAULT"])
 def test_cpp_kernels_built_without_avx512_agree(capability):
     """The portable loops (what machines without AVX-512 compile), in their own process."""
-    env = {**os.environ, "GMT_ALIGN_CPU_CAPABILITY": capability, "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "test_pack_then_unpack_restores_exactly_the_masked_weights and cpp"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0 and "7 passed" in result.stdout, result.stdout[-3000:]
+    from subrun import run_tests
+
+    env = {"GMT_ALIGN_CPU_CAPABILITY": capability, "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
+    passed, output = run_tests(__file__, "test_pack_then_unpack_restores_exactly_the_masked_weights and cpp", env)
+    assert sorted(passed) == sorted(f"test_pack_then_unpack_restores_exactly_the_masked_weights[cpp-{n}]"
+                                    for n in PACK_SIZES), output
 
 
 def test_random_selection_in_update_mode_keeps_its_masked_weights():

@@ -13,10 +13,11 @@ node's command as a local process in a login-like environment; and ``sbatch reci
 import subprocess
 
 import pytest
-
 from launchers import launch
 from multirank.launch import ROOT, free_port
 from quickstart_runs import TWO_STEPS, same_weights
+
+pytestmark = [pytest.mark.multirank, pytest.mark.launcher]
 
 LOGGED_STEP = "'gmt/kept_fraction': '0.7'"  # counted over both ranks
 

@@ -7,6 +7,8 @@ import torch
 
 from gmt_align.core import kernels
 from gmt_align.core.rules import random_chunks
+from gmt_align.testing import GRADIENT_KINDS
+from gmt_align.testing import gradient_case as unit_of
 from gmt_align.core.selection import (
     INF_BITS,
     NonFiniteGradientError,
@@ -244,26 +246,7 @@ def check_select_and_mask(units: list[torch.Tensor], ratio: float, splits: int =
         assert kept[u] == [int((p != 0).sum()) for p in masked.tensor_split(splits)]
 
 
-def unit_of(kind: str, n: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "normal":
-        return torch.randn(n, generator=gen) * 1e-3
-    if kind == "heavy":  # Student-t with 1.5 degrees of freedom: a few huge entries
-        return torch.randn(n, generator=gen) / torch.rand(n, generator=gen).pow(1 / 1.5)
-    if kind == "ties":
-        return torch.randint(-3, 4, (n,), generator=gen).float()
-    if kind == "zeros":
-        g = torch.randn(n, generator=gen)
-        g[torch.rand(n, generator=gen) < 0.6] = 0
-        return g
-    if kind == "bf16":
-        return torch.randn(n, generator=gen).to(torch.bfloat16)
-    if kind == "fp16":
-        return (torch.randn(n, generator=gen) * 1e-2).to(torch.float16)
-    raise ValueError(kind)
-
-
-@pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "zeros", "bf16", "fp16"])
+@pytest.mark.parametrize("kind", GRADIENT_KINDS)
 def test_select_and_mask_matches_sort(kernel_mode, kind):
     units = [unit_of(kind, n, seed) for seed, n in enumerate((1, 7, 64, 1000, 65_537, 300_001))]
     for ratio in (0.0, 0.2, 0.6, 0.95, 0.999):
@@ -298,7 +281,10 @@ def test_select_and_mask_refuses_non_finite_before_touching_anything(kernel_mode
     assert torch.equal(g.nan_to_num(), before.nan_to_num())  # raised before masking
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 4095, 4096, 4097, 70_001])
+KERNEL_SIZES = (1, 15, 16, 4095, 4096, 4097, 70_001)
+
+
+@pytest.mark.parametrize("n", KERNEL_SIZES)
 def test_kernels_count_and_mask_like_plain_torch(kernel_mode, n):
     """Each kernel against plain torch on the bit patterns: odd sizes around the C++ kernels' 16-lane
     vectors and 4096-entry work items, signed zeros, inf, NaN, denormals, probes at 0 and +inf."""
@@ -326,20 +312,16 @@ def test_kernels_count_and_mask_like_plain_torch(kernel_mode, n):
         assert torch.equal(positions, inside) and torch.equal(values, bits[inside].to(torch.int64))
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
 def test_cpp_kernels_built_without_avx512_agree(capability):
     """The portable vector code (AVX2, SSE: what machines without AVX-512 compile) in its own process."""
-    import os
-    import subprocess
-    import sys
+    from subrun import run_tests
 
-    env = {**os.environ, "GMT_ALIGN_CPU_CAPABILITY": capability, "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "test_kernels_count_and_mask_like_plain_torch and cpp"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0 and "7 passed" in result.stdout, result.stdout[-3000:]
+    env = {"GMT_ALIGN_CPU_CAPABILITY": capability, "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
+    passed, output = run_tests(__file__, "test_kernels_count_and_mask_like_plain_torch and cpp", env)
+    expected = [f"test_kernels_count_and_mask_like_plain_torch[cpp-{n}]" for n in KERNEL_SIZES]
+    assert sorted(passed) == sorted(expected), output
 
 
 def test_cpp_kernels_that_do_not_build_fall_back_with_a_warning(monkeypatch, caplog):

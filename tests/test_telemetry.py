@@ -380,6 +380,7 @@ def quickstart_stats(smollm2_dir, tmp_path_factory):
     return load_stats(one / "gmt_stats.jsonl"), load_stats(two / "gmt_stats.jsonl")
 
 
+@pytest.mark.multirank
 def test_two_zero2_ranks_report_the_single_process_figures(quickstart_stats):
     """Same global batch. The masks may differ in a few entries whose gradients sit at the threshold,
     because ZeRO sums the two micro-batch gradients in another order than one process (rounding):

@@ -11,6 +11,8 @@ import pytest
 
 from multirank.launch import run_ranks
 
+pytestmark = pytest.mark.multirank
+
 MATRIX = [
     dict(stage=stage, offload=offload, dtype=dtype, granularity=granularity, mode=mode, ratio=0.3)
     for stage, offload, dtype, granularity, mode in itertools.product(

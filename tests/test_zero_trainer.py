@@ -3,9 +3,6 @@ under torchrun, ZeRO-3 and DDP under accelerate, DPO under ZeRO-2 and ZeRO-3), a
 process without a launcher, against 1 plain process."""
 
 import pytest
-
-from gmt_align.quickstart import prepare_quickstart
-from gmt_align.core.selection import keep_count
 from launchers import launch
 from multirank.launch import ROOT
 from quickstart_runs import (
@@ -15,6 +12,11 @@ from quickstart_runs import (
     saved_weights,
     unchanged_masks,
 )
+
+from gmt_align.core.selection import keep_count
+from gmt_align.quickstart import prepare_quickstart
+
+pytestmark = [pytest.mark.multirank, pytest.mark.launcher]
 
 RATIO = 0.3
 ONE_STEP = ["--max_steps", "1", "--gmt_mode", "update", "--gmt_mask_ratio", str(RATIO)]

@@ -260,8 +260,8 @@ def _decode(raw: bytes, file: Path, line: int) -> str:
 
 def _hold_out(train, size, seed: int, where: str):
     """``size`` rows (a count, or a fraction rounded up) drawn with ``seed`` become the evaluation
-    rows, the rest train (``datasets``' ``train_test_split``): the same rows on every rank, indices kept
-    in memory (no cache file for ranks to race on)."""
+    rows, the rest train (``datasets``' ``train_test_split``, seeded: the same rows on every rank; its
+    index files are written atomically, so ranks that write the same one do not race)."""
     import math
 
     if not hasattr(train, "train_test_split"):
@@ -270,7 +270,7 @@ def _hold_out(train, size, seed: int, where: str):
     count = size if isinstance(size, int) else math.ceil(size * n)
     if count >= n:
         raise DataError(f"{where}: dataset_test_split holds out {count} of its {n} rows: none left to train on")
-    split = train.train_test_split(test_size=count, seed=seed, keep_in_memory=True)
+    split = train.train_test_split(test_size=count, seed=seed)
     return split["train"], split["test"]
 
 
