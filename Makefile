@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # DeepSpeed's JIT-compiled extensions are built once and reused by every later run.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
-# GMT's torch.compile kernels (gmt_align/kernels.py), likewise compiled once and shared.
+# GMT's torch.compile kernels (gmt_align/core/kernels.py), likewise compiled once and shared.
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/torchinductor
 
 .PHONY: quickstart test test-fast install

@@ -15,10 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
-# two-sided 95 % Student t quantiles, df = 1 .. 30
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-       2.045, 2.042)
+from scipy.stats import t as student_t
+
 VANILLA = ("sft", "sft-lr0.5", "sft-lr0.25")
 MIN_SEEDS = 3
 TARGET_NLL = 0.02  # the half-width we want for a paired NLL difference
@@ -26,7 +24,8 @@ PREFERENCE = ("preference_accuracy", "reward_margin", "ranking_accuracy")  # DPO
 
 
 def t95(df: int) -> float:
-    return T95[df - 1] if df <= len(T95) else 1.96 + 2.4 / df
+    """The two-sided 95 % Student t quantile with ``df`` degrees of freedom."""
+    return float(student_t.ppf(0.975, df))
 
 
 def interval(values: list[float]) -> dict:

@@ -59,16 +59,29 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def zero2_reference(smollm2_dir, tmp_path_factory):
+def tiny_model() -> list[str]:
+    """``--model_name_or_path`` of a random-weight SmolLM2 of 2 layers x 64 (its real tokenizer), made
+    once in the shared cache: for the launcher, checkpoint and multi-node tests, where the real model
+    is not the point (quickstart_runs.make_tiny_model)."""
+    from gmt_align.quickstart import MODEL_DIRNAME, prepare_model
+    from quickstart_runs import TINY_DIRNAME, make_tiny_model
+
+    cache = REPO_ROOT / ".cache" / "quickstart"
+    real = prepare_model(cache / MODEL_DIRNAME)
+    return ["--model_name_or_path", str(make_tiny_model(real, cache / TINY_DIRNAME))]
+
+
+@pytest.fixture(scope="session")
+def zero2_reference(tiny_model, tmp_path_factory):
     """The 1-node, 2-process ZeRO-2 run that the multi-node and checkpoint tests compare with, started
-    by the README's ``deepspeed --num_gpus 2`` line: two GMT steps, a DeepSpeed checkpoint after each.
-    Shared: each such run costs 30-90 s on 2 cores."""
+    by the README's ``deepspeed --num_gpus 2`` line: two GMT steps of the tiny model, a DeepSpeed
+    checkpoint after each. Shared: each such run costs tens of seconds on 2 cores."""
     from gmt_align.quickstart import prepare_quickstart
     from launchers import launch
     from quickstart_runs import SAVE_EACH_STEP, TWO_STEPS
 
     prepare_quickstart(REPO_ROOT / ".cache" / "quickstart")
     out = tmp_path_factory.mktemp("zero2_reference")
-    (stdout,) = launch("deepspeed", out, *TWO_STEPS, *SAVE_EACH_STEP)
+    (stdout,) = launch("deepspeed", out, *TWO_STEPS, *SAVE_EACH_STEP, *tiny_model)
     yield out, stdout
-    shutil.rmtree(out, ignore_errors=True)  # about 6 GB of checkpoints
+    shutil.rmtree(out, ignore_errors=True)

@@ -21,6 +21,39 @@ SHORT_RUN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradie
              "--logging_steps", "1", "--disable_tqdm", "false"]
 
 
+TINY_DIRNAME = "tiny-SmolLM2"  # under .cache/quickstart, beside the real model
+
+
+def make_tiny_model(real_model: Path, out: Path) -> Path:
+    """A random-weight model of the real model's architecture (SmolLM2: Llama, tied embeddings) and its
+    tokenizer and chat template, 2 layers of width 64 (3.2M parameters, almost all the embedding): for
+    the tests where ranks, launchers, saves and resumes are the point, not what the model knows.
+    Made once, seeded, and moved into place whole."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.from_pretrained(real_model)
+    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(real_model).save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError:  # another session made it meanwhile
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def recipe_argv(method, output_dir, *overrides):
     """``-m gmt_align.cli METHOD --config recipes/quickstart/METHOD.yaml`` with small, fast settings."""
     return ["-m", "gmt_align.cli", method, "--config", f"recipes/quickstart/{method}.yaml",

@@ -7,7 +7,8 @@ coverage bits, which never touch the weights), and the Trainer restores all the 
 engine (fp32 partitions and Adam moments, per rank), the cosine scheduler, the RNG states and the
 data order (it skips the batches already seen). Both run through the README's launcher lines: ZeRO-2
 ``deepspeed --num_gpus 2 ...`` (the uninterrupted run is the shared zero2_reference), ZeRO-3
-``accelerate launch --config_file recipes/accelerate_configs/zero3.yaml ...``.
+``accelerate launch --config_file recipes/accelerate_configs/zero3.yaml ...``, on the tiny random-weight
+SmolLM2 (conftest.tiny_model): what is saved and restored is the point, not what the model knows.
 """
 
 import json
@@ -30,11 +31,11 @@ def zero3_run(output_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def zero3_checkpointed(smollm2_dir, tmp_path_factory):
+def zero3_checkpointed(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3_checkpointed")
-    stdout = zero3_run(out, *SAVE_EACH_STEP)
+    stdout = zero3_run(out, *SAVE_EACH_STEP, *tiny_model)
     yield out, stdout
-    shutil.rmtree(out, ignore_errors=True)  # about 6 GB of checkpoints
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def assert_checkpoint_at_step_1(run):
@@ -46,27 +47,28 @@ def assert_checkpoint_at_step_1(run):
     assert not same_weights(checkpoint, run)  # step 2 changed the model: resuming must redo it
 
 
-def test_zero2_resumed_run_ends_where_the_uninterrupted_run_ends(zero2_reference, tmp_path):
+def test_zero2_resumed_run_ends_where_the_uninterrupted_run_ends(zero2_reference, tiny_model, tmp_path):
     reference, stdout = zero2_reference
     assert stdout.count(LOGGED_STEP) == 2
     assert_checkpoint_at_step_1(reference)
     resumed = tmp_path / "resumed"
-    (stdout,) = launch("deepspeed", resumed, *TWO_STEPS, "--resume_from_checkpoint", str(reference / "checkpoint-1"))
+    (stdout,) = launch("deepspeed", resumed, *TWO_STEPS, *tiny_model, "--resume_from_checkpoint",
+                       str(reference / "checkpoint-1"))
     assert stdout.count(LOGGED_STEP) == 1  # only step 2 was trained
     assert same_weights(resumed, reference)
 
 
-def test_zero3_resumed_run_ends_where_the_uninterrupted_run_ends(zero3_checkpointed, tmp_path):
+def test_zero3_resumed_run_ends_where_the_uninterrupted_run_ends(zero3_checkpointed, tiny_model, tmp_path):
     reference, stdout = zero3_checkpointed
     assert stdout.count(LOGGED_STEP) == 2
     assert_checkpoint_at_step_1(reference)
     resumed = tmp_path / "resumed"
-    stdout = zero3_run(resumed, "--resume_from_checkpoint", str(reference / "checkpoint-1"))
+    stdout = zero3_run(resumed, *tiny_model, "--resume_from_checkpoint", str(reference / "checkpoint-1"))
     assert stdout.count(LOGGED_STEP) == 1
     assert same_weights(resumed, reference)
 
 
-def test_zero3_saves_a_whole_model_that_transformers_loads(zero3_checkpointed, smollm2_dir):
+def test_zero3_saves_a_whole_model_that_transformers_loads(zero3_checkpointed, tiny_model):
     """Under ZeRO-3 each rank holds a shard of every parameter; only with
     stage3_gather_16bit_weights_on_model_save are they gathered into a whole model at save time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +76,7 @@ def test_zero3_saves_a_whole_model_that_transformers_loads(zero3_checkpointed, s
     run, _ = zero3_checkpointed
     zero = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model[1])
     for directory in (run / "checkpoint-1", run):
         model = AutoModelForCausalLM.from_pretrained(directory)
         tuned, before = model.state_dict(), base.state_dict()

@@ -199,3 +199,16 @@ def test_checking_the_deepspeed_config_leaves_zero3_on_for_model_loading(smollm2
     done = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert "zero3 True True" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+def test_a_library_without_an_internal_that_gmt_align_reads_is_refused_before_loading(capsys, recipe, monkeypatch):
+    """A torch/DeepSpeed/transformers release that renamed a name some module reads (its CONTRACT):
+    one line naming the module and the name, before any model loads (the model here cannot load)."""
+    from gmt_align.core.contract import Contract
+    from gmt_align.training import telemetry
+
+    monkeypatch.setattr(telemetry, "CONTRACT", Contract(checked_with="torch 2.13", names=("torch:_foreach_norm_v0",)))
+    status, lines = run_main(capsys, "sft", "--config", recipe())
+    assert status == 2
+    assert lines == ["gmt-align sft: error: gmt_align.training.telemetry reads torch:_foreach_norm_v0 (as in torch "
+                     "2.13), which this installation lacks"], lines

@@ -7,7 +7,8 @@ with a hostfile of two nodes, reaching them through stand-ins for ``pdsh`` and `
 node's command as a local process in a login-like environment; and ``sbatch recipes/launch.slurm``
 (gmt-align validate, then accelerate on every node) under stand-ins for ``sbatch``, ``srun`` and
 ``scontrol`` (tests/multirank/bin). Ranks, data shards, reduction order and the masks are those of the
-1-node run, so equality is exact, not within a tolerance.
+1-node run, so equality is exact, not within a tolerance. The model is the tiny random-weight SmolLM2
+(conftest.tiny_model): the launchers are the point.
 """
 
 import subprocess
@@ -29,33 +30,34 @@ def test_launch_slurm_is_valid_bash_and_prints_its_usage():
     assert result.returncode == 2 and "sbatch --nodes 2 recipes/launch.slurm sft" in result.stdout
 
 
-def test_accelerate_two_nodes_save_what_one_node_saves(zero2_reference, tmp_path):
+def test_accelerate_two_nodes_save_what_one_node_saves(zero2_reference, tiny_model, tmp_path):
     reference, _ = zero2_reference
-    head, _ = launch("accelerate_two_nodes", tmp_path, *TWO_STEPS)
+    head, _ = launch("accelerate_two_nodes", tmp_path, *TWO_STEPS, *tiny_model)
     assert LOGGED_STEP in head
     assert same_weights(tmp_path, reference)
 
 
-def test_deepspeed_hostfile_two_nodes_save_what_one_node_saves(zero2_reference, tmp_path, smollm2_dir):
+def test_deepspeed_hostfile_two_nodes_save_what_one_node_saves(zero2_reference, tmp_path, tiny_model):
     reference, _ = zero2_reference
-    (stdout,) = launch("deepspeed_hostfile", tmp_path, *TWO_STEPS)
+    (stdout,) = launch("deepspeed_hostfile", tmp_path, *TWO_STEPS, *tiny_model)
     # pdsh prefixes each node's lines (tqdm's \r-separated updates stay on the prefixed line)
     lines = stdout.split("\n")
     assert any(line.startswith("node1: ") for line in lines)  # both nodes ran
     assert any(line.startswith("node0: ") for line in lines) and LOGGED_STEP in stdout  # the head logged
     assert same_weights(tmp_path, reference)
-    assert not same_weights(tmp_path, smollm2_dir)  # it trained
+    assert not same_weights(tmp_path, tiny_model[1])  # it trained
 
 
-def test_launch_slurm_on_two_nodes_saves_what_one_node_saves(zero2_reference, tmp_path, smollm2_dir):
+def test_launch_slurm_on_two_nodes_saves_what_one_node_saves(zero2_reference, tmp_path, tiny_model):
     """recipes/launch.slurm as sbatch runs it (gmt-align validate, then srun of accelerate)."""
     reference, _ = zero2_reference
-    (stdout,) = launch("sbatch", tmp_path, *TWO_STEPS, env={"GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())})
+    (stdout,) = launch("sbatch", tmp_path, *TWO_STEPS, *tiny_model,
+                       env={"GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port())})
     assert "OK recipes/quickstart/sft.yaml (sft)" in stdout  # validated before launching
     assert "on 2 nodes x 1 processes, head 127.0.0.1" in stdout
     assert stdout.count(LOGGED_STEP) == 2  # one per logging step, from the main process only
     assert same_weights(tmp_path, reference)
-    assert not same_weights(tmp_path, smollm2_dir)  # it trained
+    assert not same_weights(tmp_path, tiny_model[1])  # it trained
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "multi_gpu"])

@@ -9,9 +9,12 @@ the only code that reads its optimizer's internals, and lists them in its ``CONT
   whole parameter;
 - ``DeepSpeedZeroOptimizer`` (ZeRO-1/2): ``zero12.py`` — a group's fp32 partition;
 - ``DeepSpeedZeroOptimizer_Stage3`` (ZeRO-3): ``zero3.py`` — a sub-group's fp32 partition;
-- ``BF16_Optimizer``: ``bf16.py`` — a group's fp32 partition.
+- ``BF16_Optimizer``: ``bf16.py`` — a group's fp32 partition;
+- any torch optimizer over FSDP2's DTensor parameters (``fully_shard``): ``fsdp2.py`` — each
+  parameter's local shard.
 
-What GMT refuses in DeepSpeed's settings is said once, in ``zero.py``; the words (flat tensor,
+Every contract is one :class:`~gmt_align.core.contract.Contract`, checked at start-up for the names
+of modules and classes and at attach time on the live optimizer and parameters. What GMT refuses in DeepSpeed's settings is said once, in ``zero.py``; the words (flat tensor,
 fragment, unit, stepper) are defined in ``layout.py``.
 """
 
