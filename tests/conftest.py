@@ -26,7 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # The slow tier: what starts real ranks, runs a documented launcher line, loads the real model, runs a
-# benchmark, or builds the C++ kernels for another instruction set. `make test` runs everything; `make test-fast` (pytest -m "not slow") the rest.
+# benchmark, or builds the C++ kernels for another instruction set. `make test` runs everything;
+# `make test-fast` (pytest -m "not slow") the rest.
 SLOW_KINDS = ("multirank", "launcher", "real_model", "benchmark", "build")
 
 

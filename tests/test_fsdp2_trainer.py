@@ -51,25 +51,29 @@ def fsdp_on_cpu(**extra):
 
 
 @pytest.fixture(scope="module")
-def quickstart(smollm2_dir):
-    return prepare_quickstart(ROOT / ".cache" / "quickstart")
+def quickstart(tiny_model):
+    """The quickstart's data, and the model every run here starts from: the tiny random-weight SmolLM2
+    (conftest.tiny_model), since FSDP2's sharding, saving and resuming are the point."""
+    return {**prepare_quickstart(ROOT / ".cache" / "quickstart"), "model": tiny_model[1]}
 
 
 @pytest.fixture(scope="module")
-def fsdp2_checkpointed(quickstart, tmp_path_factory):
+def fsdp2_checkpointed(quickstart, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_checkpointed")
-    (stdout,) = launch("accelerate_fsdp2", out, *TWO_STEPS, env=fsdp_on_cpu())
+    (stdout,) = launch("accelerate_fsdp2", out, *TWO_STEPS, *tiny_model, env=fsdp_on_cpu())
     yield out, stdout
-    shutil.rmtree(out, ignore_errors=True)  # about 5 GB of checkpoints
+    shutil.rmtree(out, ignore_errors=True)
 
 
-def test_sft_under_fsdp2_masks_what_one_process_masks(quickstart, fsdp2_checkpointed, tmp_path, monkeypatch):
+def test_sft_under_fsdp2_masks_what_one_process_masks(quickstart, tiny_model, fsdp2_checkpointed, tmp_path,
+                                                      monkeypatch):
     run, stdout = fsdp2_checkpointed
     assert stdout.count(LOGGED_STEP) == 2
     checkpoint = run / "checkpoint-1"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and (checkpoint / "optimizer.bin").is_file()
     monkeypatch.setenv("GMT_ALIGN_COMPILE", "0")
-    run_recipe("sft", tmp_path, "--max_steps", "1", "--per_device_train_batch_size", "2", *GMT)  # same global batch
+    same_global_batch = ["--max_steps", "1", "--per_device_train_batch_size", "2"]
+    run_recipe("sft", tmp_path, *same_global_batch, *GMT, *tiny_model)
     base = saved_weights(quickstart["model"])
     one, fsdp2 = unchanged_masks(base, saved_weights(tmp_path)), unchanged_masks(base, saved_weights(checkpoint))
     assert_unchanged_fraction_is_the_ratio(base, saved_weights(checkpoint), RATIO)
@@ -78,13 +82,13 @@ def test_sft_under_fsdp2_masks_what_one_process_masks(quickstart, fsdp2_checkpoi
     assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
 
 
-def test_fsdp2_resumed_run_ends_where_the_uninterrupted_run_ends(fsdp2_checkpointed, tmp_path):
+def test_fsdp2_resumed_run_ends_where_the_uninterrupted_run_ends(fsdp2_checkpointed, tiny_model, tmp_path):
     reference, _ = fsdp2_checkpointed
     assert not same_weights(reference / "checkpoint-1", reference)  # step 2 changed the model
     resumed = tmp_path / "resumed"  # the run as a kill after step 1 leaves it: checkpoint-1 alone
     resumed.mkdir()
     shutil.copytree(reference / "checkpoint-1", resumed / "checkpoint-1")
-    (stdout,) = launch("accelerate_fsdp2_resume", resumed, *TWO_STEPS, env=fsdp_on_cpu())
+    (stdout,) = launch("accelerate_fsdp2_resume", resumed, *TWO_STEPS, *tiny_model, env=fsdp_on_cpu())
     assert stdout.count(LOGGED_STEP) == 1  # only step 2 was trained
     assert same_weights(resumed, reference)
 

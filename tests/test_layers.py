@@ -149,8 +149,7 @@ def private_reads() -> dict[str, set[str]]:
                 for alias in node.names:
                     if alias.name.startswith("_") and not alias.name.startswith("__"):
                         reads.setdefault(name, set()).add(alias.name)
-            elif isinstance(node, ast.ImportFrom) and any(part.startswith("_") for part in (node.module or "").split(".")):
-                if not (node.module or "").startswith("gmt_align"):
+                if any(part.startswith("_") for part in node.module.split(".")):  # a private module
                     reads.setdefault(name, set()).add(node.module)
     return reads
 
