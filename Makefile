@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.gmt-align-installed
 
+# As an activated venv: its tools first. torch builds JIT extensions with the first `ninja` on PATH,
+# and two ninja versions (the venv's, a system one) rebuild each other's builds (~40 s each time).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

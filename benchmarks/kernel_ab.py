@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/kernel_ab.py --base REV [--shapes smollm2|flat] [--size N] [--rounds 9]
 
-Builds ``gmt_align/csrc/*.cpp`` as they are at git revision ``REV`` (once, into
-TORCH_EXTENSIONS_DIR, under the name of their digest, as gmt-align names its own build; no build
-when they equal this checkout's), loads both modules into this process and, on the same gradients
-(SmolLM2-135M's 272 tensor shapes, or one flat tensor of ``--size`` entries; heavy-tailed like
-benchmarks/mask_overhead.py's), first checks that both give the same counts and the same masks,
+Builds ``gmt_align/core/csrc/*.cpp`` (``gmt_align/csrc/`` in revisions before the layered package) as
+they are at git revision ``REV`` (once, into TORCH_EXTENSIONS_DIR, under the name of their digest, as
+gmt-align names its own build; no build when they equal this checkout's), loads both modules into this
+process and, on the same gradients (SmolLM2-135M's 272 tensor shapes, or one flat tensor of
+``--size`` entries; heavy-tailed like benchmarks/mask_overhead.py's), first checks that both give the same counts and the same masks,
 then times the two passes of magnitude selection — the counting pass (``count_many``, 15 probes
 around the ``1 - ratio`` quantile) and the masking pass (``mask_many``, gradients restored before
 each call) — alternating which build goes first from round to round. Measurements of two builds in
@@ -44,16 +44,21 @@ def base_module(rev: str):
     sources = []
     for path in kernels._CPP_SOURCES:
         relative = path.relative_to(ROOT).as_posix()
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{relative}"], capture_output=True)
-        if shown.returncode != 0:
+        for where in (relative, f"gmt_align/csrc/{path.name}"):  # the second: before the layered package
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{where}"], capture_output=True)
+            if shown.returncode == 0:
+                break
+        else:
             raise SystemExit(f"kernel_ab: {relative} at {rev!r}: {shown.stderr.decode().strip().splitlines()[-1]}")
         sources.append(shown.stdout)
     name = kernels._cpp_name(sources)
     if name == kernels._cpp_name():
         return kernels.cpp_kernels(), name
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
-    build = _get_build_directory(name, verbose=False)
+    from gmt_align.core.build_lock import extension_folder
+
+    build = extension_folder(name)
     folder = Path(build).with_name(name + "-sources")
     folder.mkdir(parents=True, exist_ok=True)
     files = []

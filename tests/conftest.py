@@ -2,11 +2,16 @@
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every process of the suite (this one, the ranks, the launchers) sees this environment's tools first,
+# as in an activated venv: torch builds JIT extensions with the first `ninja` on PATH, and two ninja
+# versions (the venv's, a system one) would rebuild each other's builds, about 40 s each time.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def _bind_library_loggers_to_the_real_streams():

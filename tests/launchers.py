@@ -35,9 +35,11 @@ STAND_INS = ROOT / "tests" / "multirank" / "bin"
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # What each "node" of the hostfile line gets: a stand-in ssh login passes on no variable of ours, so
 # these go through DeepSpeed's own channel for them, a .deepspeed_env file in the launch directory.
+# PATH too, as users put their environment's tools first on every node: torch builds JIT extensions with
+# the first `ninja` on PATH, and a login PATH's system ninja would rebuild what the venv's built.
 NODE_VARIABLES = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
                   "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "WANDB_MODE",
-                  "CUDA_VISIBLE_DEVICES", "GMT_ALIGN_CPP", "GMT_ALIGN_COMPILE")
+                  "CUDA_VISIBLE_DEVICES", "GMT_ALIGN_CPP", "GMT_ALIGN_COMPILE", "PATH")
 DEFAULT_PORT = 29500  # deepspeed's, accelerate's and torchrun's, and the README's --main_process_port
 HOSTFILE = "node0 slots=1\nnode1 slots=1\n"  # 2 nodes of 1 process each, the README's example
 

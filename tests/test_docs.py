@@ -120,3 +120,34 @@ def test_the_anchor_rule_matches_githubs():
         "teacher-forced-metrics---metric-nll-and---metric-preference"
     assert anchor("LoRA / PEFT") == "lora--peft"
     assert anchor("Precision: bf16 is TRL's default") == "precision-bf16-is-trls-default"
+
+
+def test_the_readme_recipe_runs_as_its_lines_say(tmp_path):
+    """README's recipe, saved as my.yaml beside a my_data.jsonl, with its two command lines as written:
+    validate says OK (bf16, TRL's default, is a note on this machine), and the training line is refused
+    in one line before any model loads where bf16 cannot run (a CPU), or gets past every check."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+
+    text = README.read_text()
+    (tmp_path / "my.yaml").write_text(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    (tmp_path / "my_data.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n')
+    block = text.split("```yaml", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    validate, train = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert validate[:2] == ["gmt-align", "validate"] and train[:2] == ["gmt-align", "sft"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "gmt_align.cli"]
+    result = subprocess.run([*cli, *validate[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("OK my.yaml (sft)"), result.stdout + result.stderr
+    if torch.cuda.is_available():
+        return  # the training line would load the hub model: nothing more to check offline
+    result = subprocess.run([*cli, *train[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert result.returncode == 2 and errors == [
+        "gmt-align sft: error: bf16 is true, but this machine has no GPU with bf16: set --bf16 false (bf16: false "
+        "in the recipe) to train in fp32 here"], result.stderr

@@ -12,7 +12,7 @@ backend choice (read it for what and why). The rest is the shipped path, and the
 it: ``pytorch_model_fsdp.bin`` is what the Trainer's FSDP branch writes.
 
 GMT runs its eager kernels here (``GMT_ALIGN_COMPILE=0``: the same masks bit for bit, see
-gmt_align/kernels.py): loading the C++ kernels and compiling the others costs each process more
+gmt_align/core/kernels.py): loading the C++ kernels and compiling the others costs each process more
 than the whole 2-step run on a busy 2-core machine. tests/test_fsdp2.py runs the default kernels on
 FSDP2 shards.
 """

@@ -32,5 +32,5 @@ def test_against_head_it_checks_then_times_both_passes_and_ends_with_the_ratios(
 def test_a_revision_git_cannot_show_is_refused_in_one_line():
     result = run("--base", "no-such-revision-xyz", "--rounds", "1")
     assert result.returncode == 1 and result.stdout == ""
-    assert re.fullmatch(r"kernel_ab: gmt_align/csrc/gmt_cpu\.cpp at 'no-such-revision-xyz': .+\n", result.stderr), \
+    assert re.fullmatch(r"kernel_ab: gmt_align/core/csrc/gmt_cpu\.cpp at 'no-such-revision-xyz': .+\n", result.stderr), \
         result.stderr

@@ -149,7 +149,7 @@ def private_reads() -> dict[str, set[str]]:
                 for alias in node.names:
                     if alias.name.startswith("_") and not alias.name.startswith("__"):
                         reads.setdefault(name, set()).add(alias.name)
-                if any(part.startswith("_") for part in node.module.split(".")):  # a private module
+                if any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")):
                     reads.setdefault(name, set()).add(node.module)
     return reads
 

@@ -1,4 +1,4 @@
-"""update mode's packing of the masked weights (gmt_align/masked_weights.py): C++ and torch paths."""
+"""update mode's packing of the masked weights (gmt_align/core/masked_weights.py): C++ and torch paths."""
 
 import os
 import subprocess

@@ -44,9 +44,9 @@ def test_study_pairs_by_seed_by_hand(study, tmp_path):
         _run_file(tmp_path, "random-0.5", seed, (r, r), correct=60)
     data = study_stats.report(tmp_path, study.ARMS, study.TASKS)
     d = data["arms"]["gmt-0.5"]["vs_vanilla"]["nll"]
-    # mean -0.1, sd 0.05, half-width t(2) 4.303 * 0.05 / sqrt(3) = 0.12422: contains 0, not resolved
+    # mean -0.1, sd 0.05, half-width t(2) 4.302653 * 0.05 / sqrt(3) = 0.12421: contains 0, not resolved
     assert d["mean"] == pytest.approx(-0.1) and d["sd"] == pytest.approx(0.05)
-    assert d["ci95_half"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5) and d["resolved"] is False
+    assert d["ci95_half"] == pytest.approx(4.302653 * 0.05 / 3 ** 0.5) and d["resolved"] is False
     rnd = data["arms"]["gmt-0.5"]["vs_random"]
     assert rnd["against"] == "random-0.5" and rnd["nll"]["diffs"] == pytest.approx([-0.1, -0.05, -0.15])
     assert data["arms"]["random-0.5"]["vs_vanilla"]["accuracy"]["mean"] == pytest.approx(0.1)

@@ -14,8 +14,9 @@ the only code that reads its optimizer's internals, and lists them in its ``CONT
   parameter's local shard.
 
 Every contract is one :class:`~gmt_align.core.contract.Contract`, checked at start-up for the names
-of modules and classes and at attach time on the live optimizer and parameters. What GMT refuses in DeepSpeed's settings is said once, in ``zero.py``; the words (flat tensor,
-fragment, unit, stepper) are defined in ``layout.py``.
+of modules and classes and at attach time on the live optimizer and parameters. What GMT refuses in
+DeepSpeed's settings is said once, in ``zero.py``; the words (flat tensor, fragment, unit, stepper)
+are defined in ``layout.py``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ a package (``peft`` for ``use_peft``; ``bitsandbytes`` for ``load_in_4bit``/``lo
 ``liger-kernel`` for ``use_liger_kernel``) or a GPU (QLoRA and Liger's Triton kernels need one; so
 does ``bf16``, TRL's default, unless ``use_cpu``), and a stale lock left in torch's extension folder
 by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
-installed torch, DeepSpeed or transformers without an internal that gmt_align reads (:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe
-before loading anything; ``gmt-align validate`` notes them (recipes are often checked on a login
-node for GPU nodes; ``--here`` makes them problems). :func:`model_option_problems` are the
+installed torch, DeepSpeed or transformers without an internal that gmt_align reads
+(:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe before loading
+anything; ``gmt-align validate`` notes them (recipes are often checked on a login node for GPU
+nodes; ``--here`` makes them problems). :func:`model_option_problems` are the
 combinations that fail on any machine.
 
 ``gmt-align env`` prints the versions to quote in a bug report, the GPU, and which GMT kernels

@@ -6,8 +6,9 @@ line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` c
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.cli.validate`).
 ``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.cli.report`).
 ``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy)
-on a held-out split (see :mod:`gmt_align.evaluation.evaluate`). ``gmt-align env`` prints versions, GPU and kernels for a bug report (see
-:mod:`gmt_align.cli.environment`); ``gmt-align --version`` the version.
+on a held-out split (see :mod:`gmt_align.cli.evaluate`). ``gmt-align env`` prints versions, GPU and
+kernels for a bug report (see :mod:`gmt_align.cli.environment`); ``gmt-align --version`` the version.
+The subcommands are argparse subparsers; each parses the rest of its line itself.
 """
 
 from __future__ import annotations
