@@ -1,8 +1,5 @@
 """update mode's packing of the masked weights (gmt_align/core/masked_weights.py): C++ and torch paths."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -174,12 +171,12 @@ def _shrunk(arguments: list) -> list:
     return [weights, words, [v[:-1] if v.numel() else v for v in values], starts]
 
 
+@pytest.mark.build
 def test_the_masking_pass_keeps_them_without_avx512_too():
     """The masking pass's portable loops (what machines without AVX-512 compile), in their own process."""
-    env = {**os.environ, "GMT_ALIGN_CPU_CAPABILITY": "DEFAULT", "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "test_the_masking_pass_keeps_the_masked_weights_itself"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:]
+    from subrun import run_tests
+
+    env = {"GMT_ALIGN_CPU_CAPABILITY": "DEFAULT", "GMT_ALIGN_CPP": "1", "GMT_ALIGN_COMPILE": "1"}
+    passed, output = run_tests(__file__, "test_the_masking_pass_keeps_the_masked_weights_itself", env)
+    assert sorted(passed) == [f"test_the_masking_pass_keeps_the_masked_weights_itself[{selection}]"
+                              for selection in ("magnitude", "random")], output
