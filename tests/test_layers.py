@@ -189,3 +189,10 @@ def test_the_private_read_check_finds_them(tmp_path, monkeypatch, source, expect
     path.write_text(source)
     monkeypatch.setitem(globals(), "MODULES", {"gmt_align.probe": path})
     assert private_reads().get("gmt_align.probe", set()) == expected
+
+
+def test_every_folder_of_the_package_is_a_package():
+    """setuptools' find (pyproject.toml) packs only folders with an __init__.py: a layer without one
+    would be missing from the wheel, though an editable install still imports it."""
+    folders = {path.parent for path in PACKAGE.rglob("*.py")}
+    assert [str(f.relative_to(ROOT)) for f in sorted(folders) if not (f / "__init__.py").is_file()] == []

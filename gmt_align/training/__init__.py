@@ -1,0 +1,1 @@
+"""TRL's trainers with GMT: the configs' ``gmt_*`` fields, the trainers, telemetry and run folders."""
