@@ -67,8 +67,15 @@ def backend_for(optimizer: object) -> Backend:
 def attach(
     optimizer: object, model: torch.nn.Module, options: MaskOptions, current_step: Callable[[], int]
 ) -> MaskHooks:
-    """Install GMT inside the step of ``optimizer`` (as returned by ``accelerator.prepare`` or
-    ``deepspeed.initialize``) for the trainable parameters of ``model``."""
+    """Install GMT inside the step of ``optimizer`` for the trainable parameters of ``model``: any
+    torch optimizer (one process, DDP, FSDP2), or what ``accelerator.prepare`` or
+    ``deepspeed.initialize`` returns. From then on each ``optimizer.step()`` masks the gradient the
+    optimizer sees (``options.mode == "update"``: the masked weights also stay unchanged); the step
+    number that random masks hash comes from ``current_step()``. Returns the :class:`MaskHooks`:
+    ``hooks.kept()`` says what the last step kept per tensor, ``hooks.detach()`` removes GMT::
+
+        hooks = gmt_align.attach(optimizer, model, gmt_align.MaskOptions(mask_ratio=0.5), lambda: step)
+    """
     inner = unwrap_optimizer(optimizer)
     backend = backend_for(inner)
     if backend is torch_optimizer:

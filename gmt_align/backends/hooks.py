@@ -218,6 +218,19 @@ class MaskHooks:
         self.engine.restore(self._fragments)
         self._fragments = []
 
+    def kept(self) -> dict[str, tuple[int, int]]:
+        """What the last masked step kept, per maskable tensor: ``{name: (kept entries, entries)}``,
+        summed over the processes that hold pieces of it (then collective: call it on every rank).
+        Excluded tensors are left out (always fully updated); ``{}`` before the first step."""
+        engine = self.engine
+        if engine.step < 0:
+            return {}
+        counts = engine.last_kept.clone()
+        if engine.reduce is not None:
+            counts = engine.reduce(counts)
+        return {tensor.names[0]: (int(counts[i]), tensor.numel)
+                for i, tensor in enumerate(engine.tensors) if engine.maskable[i]}
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -111,7 +111,8 @@ class MaskEngine:
             self.sizes = [self.tensors[i].numel for i in ids]
         self.thresholds = torch.full((len(self.keep),), -1, dtype=torch.int64)
         self.step = -1
-        self.kept_counts = torch.zeros(len(self.tensors), dtype=torch.int64)
+        self.kept_counts = torch.zeros(len(self.tensors), dtype=torch.int64)  # since telemetry last took them
+        self.last_kept = torch.zeros(len(self.tensors), dtype=torch.int64)  # at ``self.step`` (this process's)
         self.steps_since_log = 0
 
     # --- non-finite gradients --------------------------------------------------------------------
@@ -156,6 +157,7 @@ class MaskEngine:
         if step != self.step:
             self.step = step
             self.steps_since_log += 1
+            self.last_kept.zero_()
             self._packed_pending = 0  # packs of an earlier step that were never restored are dropped
         row_of = {unit: row for row, unit in enumerate(units)}
         by_row: list[list[Fragment]] = [[] for _ in units]
@@ -178,7 +180,9 @@ class MaskEngine:
                                                      names, self.step, aside)
         ids = [fragment.tensor_id for group in by_row for fragment in group]
         if ids:  # one add for all fragments (a model has hundreds)
-            self.kept_counts.index_add_(0, torch.tensor(ids), torch.tensor([c for counts in kept for c in counts]))
+            ids, counts = torch.tensor(ids), torch.tensor([c for row in kept for c in row])
+            self.kept_counts.index_add_(0, ids, counts)
+            self.last_kept.index_add_(0, ids, counts)
         self.thresholds[units] = thresholds
         if aside is not None:
             for fragment, packed in zip(masking, aside.packs):

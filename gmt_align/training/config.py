@@ -1,4 +1,5 @@
-"""``GMTSFTConfig`` and ``GMTDPOConfig``: TRL's configs plus flat ``gmt_*`` fields.
+"""``GMTSFTConfig`` and ``GMTDPOConfig``: TRL's configs plus flat ``gmt_*`` fields; :func:`gmt_config`
+adds them to any other (``gmt_config(trl.KTOConfig)``, ``gmt_config(transformers.TrainingArguments)``).
 
 Parameters (added to every field of the parent TRL config):
 
@@ -57,6 +58,8 @@ Parameters (added to every field of the parent TRL config):
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -65,7 +68,7 @@ from trl import DPOConfig, SFTConfig
 from gmt_align.core.engine import MaskOptions
 
 __all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "exclude_problems",
-           "exclude_problems_from_config", "mask_options", "refuse_bf16_without_device"]
+           "exclude_problems_from_config", "gmt_config", "mask_options", "refuse_bf16_without_device"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
@@ -233,23 +236,42 @@ def mask_options(args: GMTArguments) -> MaskOptions:
     )
 
 
-@dataclass
-class GMTSFTConfig(GMTArguments, SFTConfig):
-    """``trl.SFTConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.training.config`. TRL's default
-    ``bf16=True`` on a machine without a bf16 device is refused, naming ``bf16=False``."""
+def gmt_config(config_class: type, name: str | None = None) -> type:
+    """``config_class`` (a TRL config, or any ``transformers.TrainingArguments`` dataclass) plus the
+    ``gmt_*`` fields: a dataclass named ``GMT<Name>`` whose ``__post_init__`` checks them first, then
+    refuses bf16 where this machine cannot run it (TRL's configs default to it), then runs the
+    parent's. Build it once, at module level, so that a pickled config (``training_args.bin``) finds
+    its class again::
+
+        GMTKTOConfig = gmt_config(trl.KTOConfig)
+    """
+    if not (isinstance(config_class, type) and dataclasses.is_dataclass(config_class)):
+        raise TypeError(f"gmt_config needs a TrainingArguments dataclass, got {config_class!r}")
 
     def __post_init__(self):
         self.validate_gmt()
         refuse_bf16_without_device(self)
-        super().__post_init__()
+        super(cls, self).__post_init__()
+
+    name = name or f"GMT{config_class.__name__}"
+    cls = dataclass(type(name, (GMTArguments, config_class), {
+        "__post_init__": __post_init__,
+        "__doc__": f"``{config_class.__module__.partition('.')[0]}.{config_class.__name__}`` plus the ``gmt_*`` fields documented in "
+                   ":mod:`gmt_align.training.config`. bf16 where this machine has no bf16 device is refused, "
+                   "naming ``bf16=False``.",
+        "__module__": caller_module(),
+    }))
+    return cls
 
 
-@dataclass
-class GMTDPOConfig(GMTArguments, DPOConfig):
-    """``trl.DPOConfig`` plus the ``gmt_*`` fields documented in :mod:`gmt_align.training.config` (bf16: as
-    :class:`GMTSFTConfig`)."""
+def caller_module(depth: int = 2) -> str:
+    """The ``__name__`` of the module ``depth`` frames up (the one calling a class factory), so that
+    pickle finds the class it builds where that module binds it (as namedtuple does)."""
+    frame = inspect.currentframe()
+    for _ in range(depth):
+        frame = frame.f_back if frame is not None else None
+    return frame.f_globals.get("__name__", __name__) if frame is not None else __name__
 
-    def __post_init__(self):
-        self.validate_gmt()
-        refuse_bf16_without_device(self)
-        super().__post_init__()
+
+GMTSFTConfig = gmt_config(SFTConfig)
+GMTDPOConfig = gmt_config(DPOConfig)

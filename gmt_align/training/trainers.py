@@ -1,4 +1,6 @@
-"""``GMTSFTTrainer`` and ``GMTDPOTrainer``: TRL's trainers with the GMT engine attached.
+"""``GMTSFTTrainer`` and ``GMTDPOTrainer``: TRL's trainers with the GMT engine attached, and
+:func:`with_gmt`, which puts it on any other ``transformers.Trainer`` (TRL's KTO, RLOO, reward, GRPO
+trainers, or your own): ``with_gmt(trl.KTOTrainer)`` with ``args=gmt_config(trl.KTOConfig)(...)``.
 
 The trainers add one callback and extend ``log()``; nothing of TRL's training loop is copied.
 The engine is attached in ``on_train_begin``, after ``accelerator.prepare`` has built the
@@ -32,14 +34,14 @@ from gmt_align.backends import attach
 from gmt_align.core.distributed import AllReduce, rank_of, world_size_of
 from gmt_align.core.selection import NonFiniteGradientError
 
-from .config import GMTArguments, GMTSettingError, exclude_problems, mask_options
+from .config import GMTArguments, GMTSettingError, caller_module, exclude_problems, mask_options
 from .figures import is_group_key
 from .log_routing import route_figures
 from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder
 from .stats_file import STATS_FILE, TelemetryStateError, append_record, continue_run, read_run_id, write_run_id
 from .telemetry import MaskTelemetry, read_state
 
-__all__ = ["GMTDPOTrainer", "GMTSFTTrainer"]
+__all__ = ["GMTDPOTrainer", "GMTSFTTrainer", "GMTTrainerMixin", "with_gmt"]
 
 
 class _AttachGMT(TrainerCallback):
@@ -149,7 +151,13 @@ def log_figures(trainer, logs: dict) -> None:
         append_record(Path(trainer.args.output_dir) / STATS_FILE, record)
 
 
-class _GMTMixin:
+class GMTTrainerMixin:
+    """GMT on a ``transformers.Trainer`` subclass: put it first among the bases, or use :func:`with_gmt`.
+    The config (``args``) must carry the ``gmt_*`` fields (:func:`gmt_align.training.config.gmt_config`).
+    Everything below holds for every trainer built this way: the engine attached inside the step of
+    the optimizer that really steps (one process, DDP, ZeRO-1/2/3, FSDP2), the run-folder and resume
+    rules, the non-finite rule, the telemetry and ``gmt_stats.jsonl``."""
+
     mask_hooks = None  # MaskHooks: GMT inside the optimizer's step, once attached
     mask_telemetry: MaskTelemetry | None = None
     _gmt_resume: str | None = None  # the checkpoint training resumes from
@@ -161,8 +169,8 @@ class _GMTMixin:
         config = inspect.signature(parent_init).bind_partial(model, *args, **kwargs).arguments.get("args")
         if not isinstance(config, GMTArguments):  # checked before TRL loads any model
             raise TypeError(
-                f"{type(self).__name__} needs args=GMTSFTConfig(...) or GMTDPOConfig(...), "
-                f"got {type(config).__name__}"
+                f"{type(self).__name__} needs args with the gmt_* fields (GMTSFTConfig, GMTDPOConfig, or "
+                f"gmt_config(ITS_CONFIG_CLASS)(...)), got {type(config).__name__}"
             )
         parent_init(model, *args, **kwargs)
         self.gmt_record = GMTRunRecord()
@@ -202,9 +210,25 @@ class _GMTMixin:
                 del entry[key]
 
 
-class GMTSFTTrainer(_GMTMixin, SFTTrainer):
-    """``trl.SFTTrainer`` with Gradient-Mask Tuning; takes a :class:`~gmt_align.GMTSFTConfig`."""
+def with_gmt(trainer_class: type, name: str | None = None) -> type:
+    """``trainer_class`` (a ``transformers.Trainer`` subclass) with GMT: ``GMT<Name>``, whose ``args``
+    must carry the ``gmt_*`` fields (:func:`gmt_align.training.config.gmt_config`)::
+
+        GMTKTOTrainer = with_gmt(trl.KTOTrainer)
+        trainer = GMTKTOTrainer(model, args=gmt_config(trl.KTOConfig)(output_dir="out"), train_dataset=data)
+    """
+    from transformers import Trainer
+
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"with_gmt needs a transformers.Trainer subclass, got {trainer_class!r}")
+    if issubclass(trainer_class, GMTTrainerMixin):
+        return trainer_class
+    return type(name or f"GMT{trainer_class.__name__}", (GMTTrainerMixin, trainer_class), {
+        "__doc__": f"``{trainer_class.__module__.partition('.')[0]}.{trainer_class.__name__}`` with Gradient-Mask "
+                   "Tuning; its ``args`` carry the ``gmt_*`` fields.",
+        "__module__": caller_module(),
+    })
 
 
-class GMTDPOTrainer(_GMTMixin, DPOTrainer):
-    """``trl.DPOTrainer`` with Gradient-Mask Tuning; takes a :class:`~gmt_align.GMTDPOConfig`."""
+GMTSFTTrainer = with_gmt(SFTTrainer)
+GMTDPOTrainer = with_gmt(DPOTrainer)
