@@ -256,9 +256,9 @@ def gmt_config(config_class: type, name: str | None = None) -> type:
     name = name or f"GMT{config_class.__name__}"
     cls = dataclass(type(name, (GMTArguments, config_class), {
         "__post_init__": __post_init__,
-        "__doc__": f"``{config_class.__module__.partition('.')[0]}.{config_class.__name__}`` plus the ``gmt_*`` fields documented in "
-                   ":mod:`gmt_align.training.config`. bf16 where this machine has no bf16 device is refused, "
-                   "naming ``bf16=False``.",
+        "__doc__": f"``{config_class.__module__.partition('.')[0]}.{config_class.__name__}`` plus the ``gmt_*`` "
+                   "fields documented in :mod:`gmt_align.training.config`. bf16 where this machine has no bf16 "
+                   "device is refused, naming ``bf16=False``.",
         "__module__": caller_module(),
     }))
     return cls
