@@ -1,5 +1,5 @@
-"""TRL's RLOO and reward trainers with GMT through with_gmt / gmt_config (docs/api.md): two steps each on
-the tiny random-weight SmolLM2 (conftest.tiny_model), masking every step (KTO: tests/test_api.py)."""
+"""TRL's RLOO, GRPO and reward trainers with GMT through with_gmt / gmt_config (docs/api.md): two steps
+each on the tiny random-weight SmolLM2 (conftest.tiny_model), masking every step (KTO: test_api.py)."""
 
 import json
 from pathlib import Path
@@ -17,6 +17,7 @@ RATIO = 0.5
 COMMON = dict(gmt_mask_ratio=RATIO, gmt_mode="update", max_steps=2, learning_rate=1e-4, bf16=False,
               report_to="none", save_strategy="no", logging_steps=1, use_cpu=True)
 GMTRLOOTrainer = with_gmt(trl.RLOOTrainer)
+GMTGRPOTrainer = with_gmt(trl.GRPOTrainer)
 GMTRewardTrainer = with_gmt(trl.RewardTrainer)
 
 
@@ -41,14 +42,19 @@ def assert_masked_two_steps(trainer):
     assert len(logged) == 2 and all(0 < value <= 1 - RATIO + 1e-3 for value in logged), logged
 
 
-def test_rloo_with_gmt_trains_two_masked_steps(tiny_model, tmp_path):
-    def longer_is_better(completions, **kwargs):
-        return [float(len(str(completion))) for completion in completions]
+def longer_is_better(completions, **kwargs):
+    return [float(len(str(completion))) for completion in completions]
 
-    args = gmt_config(trl.RLOOConfig)(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
-                                      max_completion_length=8, **COMMON)
+
+@pytest.mark.parametrize("trainer_class, config_class", [(GMTRLOOTrainer, trl.RLOOConfig),
+                                                         (GMTGRPOTrainer, trl.GRPOConfig)], ids=["rloo", "grpo"])
+def test_online_trainers_with_gmt_train_two_masked_steps(tiny_model, tmp_path, trainer_class, config_class):
+    """Generation with transformers on the CPU, TRL's reward_funcs; GMT masks the gradient of the loss
+    accumulated over each optimizer step."""
+    args = gmt_config(config_class)(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                                    max_completion_length=8, **COMMON)
     prompts = quickstart_pairs(8).select_columns(["prompt"])
-    trainer = GMTRLOOTrainer(model=tiny_model[1], reward_funcs=longer_is_better, args=args, train_dataset=prompts)
+    trainer = trainer_class(model=tiny_model[1], reward_funcs=longer_is_better, args=args, train_dataset=prompts)
     trainer.train()
     assert_masked_two_steps(trainer)
 
