@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from .data_checks import check_rows
-from .errors import DataError, option_value
+from .common import DataError, option_value
 
 __all__ = ["DATA_FILE_FORMATS", "DataError", "data_source_problems", "eval_enabled", "held_out_size", "is_local_file",
            "load_datasets", "load_train_dataset", "option_value"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import DataError, option_value
+from .common import DataError, option_value
 
 __all__ = ["check_rows", "needed_columns"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gmt_align.core.contract import Contract
 
-from .errors import RecipeError
+from .common import RecipeError
 
 # _contradictions subclasses transformers' matcher and overrides fill_match, reading the node it
 # fills (find_config_node) and the list it appends to (mismatches, set in __init__).

@@ -28,7 +28,7 @@ from gmt_align.core.build_lock import stale_lock_problems
 from gmt_align.training.machine import bf16_problem, cuda_available, installed
 
 from .contracts import missing_internals
-from .errors import option_value
+from .common import option_value
 
 __all__ = ["kernel_plan", "machine_problems", "main", "model_option_problems"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .data import DATA_FILE_FORMATS, data_source_problems
-from .errors import RecipeError, option_value
+from .common import RecipeError, option_value
 
 __all__ = [
     "METHODS",

@@ -1,5 +1,5 @@
-"""The errors of the command line: each message is one line, printed as ``gmt-align CMD: error: ...``
-with exit status 2, before any model loads."""
+"""What the command line's checks share: their two errors (each message one line, printed as
+``gmt-align CMD: error: ...`` with exit status 2, before any model loads) and how they read an option."""
 
 __all__ = ["DataError", "RecipeError", "option_value"]
 
