@@ -1,4 +1,4 @@
-"""gmt-align: Gradient-Mask Tuning for TRL's SFT and DPO trainers.
+"""gmt-align: Gradient-Mask Tuning for TRL's trainers (SFT and DPO commands; any Trainer through ``with_gmt``).
 
 The package is layered, each layer importing only those before it:
 
