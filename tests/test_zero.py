@@ -98,6 +98,7 @@ def test_mask_equals_the_single_process_mask(results, case):
         assert t["threshold_equal"], name
         assert t["all_entries_covered"], name  # each entry masked or kept by exactly one rank
         assert t["mask_equal"], name
+        assert t["kept_reported"], name  # MaskHooks.kept(): the single process's kept count, over both ranks
         assert t["model_weights_published"], name  # DeepSpeed's copy back (or ours, after a held step)
         if case["mode"] == "update":
             assert t["unchanged_equals_masked"], name  # masked fp32 weights bit-for-bit unchanged, kept moved

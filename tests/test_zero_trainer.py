@@ -31,21 +31,16 @@ def quickstart(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
-
-
-@pytest.fixture(scope="module")
-def single_process_sft(quickstart, model, tmp_path_factory):
+def single_process_sft(quickstart, tiny_model, tmp_path_factory):
     """1 process x batch 2: the same global batch as 2 ranks x batch 1."""
     out = tmp_path_factory.mktemp("single")
-    run_recipe("sft", out, *ONE_STEP, *model, "--per_device_train_batch_size", "2")
+    run_recipe("sft", out, *ONE_STEP, *tiny_model, "--per_device_train_batch_size", "2")
     return unchanged_masks(saved_weights(quickstart["model"]), saved_weights(out))
 
 
 @pytest.mark.parametrize("launcher", ["torchrun_cpu", "accelerate_zero3", "accelerate_ddp"])
-def test_sft_masks_what_one_process_masks(quickstart, model, single_process_sft, tmp_path, launcher):
-    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, *model)
+def test_sft_masks_what_one_process_masks(quickstart, tiny_model, single_process_sft, tmp_path, launcher):
+    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, *tiny_model)
     assert "'gmt/kept_fraction': '0.7'" in stdout  # reduced over both ranks
     base, tuned = saved_weights(quickstart["model"]), saved_weights(tmp_path)
     assert_unchanged_fraction_is_the_ratio(base, tuned, RATIO)
@@ -54,9 +49,9 @@ def test_sft_masks_what_one_process_masks(quickstart, model, single_process_sft,
     assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
 
 
-def test_one_process_under_zero2_without_a_launcher(quickstart, model, single_process_sft, tmp_path):
+def test_one_process_under_zero2_without_a_launcher(quickstart, tiny_model, single_process_sft, tmp_path):
     """``gmt-align sft --deepspeed ...`` with no launcher runs as a 1-rank DeepSpeed job."""
-    (stdout,) = launch("one_process", tmp_path, *ONE_STEP, "--per_device_train_batch_size", "2", *model)
+    (stdout,) = launch("one_process", tmp_path, *ONE_STEP, "--per_device_train_batch_size", "2", *tiny_model)
     assert "'gmt/kept_fraction': '0.7'" in stdout
     base, tuned = saved_weights(quickstart["model"]), saved_weights(tmp_path)
     overall, worst = mask_agreement(unchanged_masks(base, tuned), single_process_sft)
@@ -64,18 +59,18 @@ def test_one_process_under_zero2_without_a_launcher(quickstart, model, single_pr
 
 
 @pytest.mark.parametrize("launcher", ["accelerate_zero2_dpo", "accelerate_use_deepspeed_dpo"])
-def test_dpo_under_zero(quickstart, model, tmp_path, launcher):
-    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, "--learning_rate", "1e-4", *model)
+def test_dpo_under_zero(quickstart, tiny_model, tmp_path, launcher):
+    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, "--learning_rate", "1e-4", *tiny_model)
     assert "'gmt/kept_fraction'" in stdout
     assert_unchanged_fraction_is_the_ratio(saved_weights(quickstart["model"]), saved_weights(tmp_path), RATIO)
 
 
-def test_global_threshold_under_zero3_matches_one_process(quickstart, model, tmp_path):
+def test_global_threshold_under_zero3_matches_one_process(quickstart, tiny_model, tmp_path):
     """The Trainer's two param groups (decay / no decay) are stepped apart by ZeRO: GMT holds the
     first back until the global threshold over both is known."""
     glob = [*ONE_STEP, "--gmt_granularity", "global"]
-    run_recipe("sft", tmp_path / "one", *glob, *model, "--per_device_train_batch_size", "2")
-    launch("accelerate_zero3", tmp_path / "two", *glob, *PER_RANK, *model)
+    run_recipe("sft", tmp_path / "one", *glob, *tiny_model, "--per_device_train_batch_size", "2")
+    launch("accelerate_zero3", tmp_path / "two", *glob, *PER_RANK, *tiny_model)
     base = saved_weights(quickstart["model"])
     one, two = saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two")
     total = sum(w.numel() for w in base.values())

@@ -137,6 +137,7 @@ def run_case(case, rank, world):
               "straddling": len(on_every_rank), "not_on_every_rank": len(names) - len(on_every_rank)}
     result["kind"] = type(zopt).__name__
     result["inner"] = type(zopt.optimizer).__name__
+    reported = adapter.kept()  # the public per-tensor counts, summed over ranks (after comm_calls: not counted)
     # Every private attribute the backend reads, on this real instance: on the optimizer, on every
     # parameter, on every _hp_mapping; a conditional one (backup_optimizer) exactly when DeepSpeed
     # builds it. The same check runs at attach time; here it is reported, not raised.
@@ -177,6 +178,7 @@ def run_case(case, rank, world):
             "mask_equal": bool(torch.equal(kept_dist[n] == 1, expected)),
             "masked": int((~expected).sum()),
             "numel": g.numel(),
+            "kept_reported": reported.get(n) == (int(expected.sum()), g.numel()),
             "unchanged_equals_masked": bool(torch.equal(unchanged, ~expected)),
             "masked_unchanged": bool(unchanged[~expected].all()),
             "model_weights_published": published[n],
