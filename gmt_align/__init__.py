@@ -1,4 +1,5 @@
-"""gmt-align: Gradient-Mask Tuning for TRL's trainers (SFT and DPO commands; any Trainer through ``with_gmt``).
+"""gmt-align: Gradient-Mask Tuning for TRL's trainers (SFT, DPO and GRPO commands; any Trainer through
+``with_gmt``).
 
 The package is layered, each layer importing only those before it:
 
@@ -20,8 +21,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GMTArguments": "training.config",
     "GMTDPOConfig": "training.config",
+    "GMTGRPOConfig": "training.config",
     "GMTSFTConfig": "training.config",
     "GMTDPOTrainer": "training.trainers",
+    "GMTGRPOTrainer": "training.trainers",
     "GMTSFTTrainer": "training.trainers",
     "GMTTrainerMixin": "training.trainers",
     "with_gmt": "training.trainers",

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GRADIENT_KINDS", "ROOT", "cpu_env", "free_port", "gradient_case", "rank_env", "run_ranks", "run_together"]
+__all__ = ["GRADIENT_KINDS", "ROOT", "cpu_env", "distinct_characters", "free_port", "gradient_case", "rank_env",
+           "run_ranks", "run_together"]
 
 GRADIENT_KINDS = ("normal", "heavy", "ties", "zeros", "bf16", "fp16")
 ROOT = Path(__file__).resolve().parents[1]  # the checkout that holds this package (an editable install)
@@ -98,3 +99,11 @@ def gradient_case(kind: str, n: int, seed: int) -> torch.Tensor:
     if kind == "fp16":
         return (torch.randn(n, generator=gen) * 1e-2).to(torch.float16)
     raise ValueError(kind)
+
+
+def distinct_characters(completions, **kwargs) -> list[float]:
+    """A GRPO reward for models that know nothing (the tests' tiny random one): the number of distinct
+    characters of each completion, which differs within a group, so that advantages (and the gradient)
+    are not zero. Named in a recipe as ``reward_funcs: [gmt_align.testing.distinct_characters]``."""
+    texts = [c if isinstance(c, str) else "".join(str(turn.get("content") or "") for turn in c) for c in completions]
+    return [float(len(set(text))) for text in texts]

@@ -75,6 +75,10 @@ LAUNCHERS = {
         "accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero3.json --num_processes 2"
         " -m gmt_align.cli dpo --config recipes/quickstart/dpo.yaml",
         "tests/test_zero_trainer.py::test_dpo_under_zero"),
+    "accelerate_zero3_grpo": Launcher(
+        "accelerate launch --config_file recipes/accelerate_configs/zero3.yaml --num_processes 2"
+        " -m gmt_align.cli grpo --config recipes/quickstart/grpo.yaml",
+        "tests/test_grpo.py::test_grpo_launched_under_zero3"),
     "torchrun_cpu": Launcher(
         "DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m gmt_align.cli sft --config recipes/quickstart/sft.yaml"
         " --deepspeed ds_configs/zero2_offload.json --use_cpu true --max_steps 2",
@@ -110,7 +114,7 @@ LAUNCHERS = {
 
 # A launcher at the start of a line, after any VAR=value assignments; or DeepSpeed without a launcher.
 LAUNCHER_LINE = re.compile(r"^(?:\w+=\S*\s+)*(?:deepspeed|accelerate\s+launch|torchrun|sbatch)\s"
-                           r"|^gmt-align\s+(?:sft|dpo)\s.*\s--deepspeed\s")
+                           r"|^gmt-align\s+(?:sft|dpo|grpo)\s.*\s--deepspeed\s")
 
 
 def tokens(line: str) -> tuple[str, ...]:

@@ -41,10 +41,12 @@ def test_paper_recipe_headers_cite_the_paper_and_own_their_hyperparameters(recip
 def test_the_paper_setups_are_all_there():
     setups = {p.parent.relative_to("recipes").as_posix() for p in PAPER_RECIPES}
     assert setups == {"code/mistral-7b", "code/deepseek-coder-6.7b", "math/mistral-7b", "math/llama-3-8b",
-                      "general/llama-2-7b", "general/llama-2-13b", "dpo/llama-2-7b", "dpo/llama-2-13b"}
+                      "general/llama-2-7b", "general/llama-2-13b", "dpo/llama-2-7b", "dpo/llama-2-13b",
+                      "grpo/qwen2.5-1.5b"}
     datasets = {yaml.safe_load((ROOT / p).read_text())["dataset_name"] for p in PAPER_RECIPES}
     assert datasets == {"ise-uiuc/Magicoder-Evol-Instruct-110K", "meta-math/MetaMathQA",
-                        "allenai/tulu-v2-sft-mixture", "HuggingFaceH4/ultrafeedback_binarized"}
+                        "allenai/tulu-v2-sft-mixture", "HuggingFaceH4/ultrafeedback_binarized",
+                        "trl-lib/DeepMath-103K"}
 
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)

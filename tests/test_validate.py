@@ -65,7 +65,8 @@ def ds(**zero):
 def test_every_shipped_recipe_validates(quickstart, recipe):
     report = validate_recipe(recipe)
     assert report.problems == []
-    assert report.method == ("dpo" if "dpo" in recipe.parts[1:] or recipe.stem == "dpo" else "sft")
+    named = [method for method in ("dpo", "grpo") if method in recipe.parts[1:] or recipe.stem == method]
+    assert report.method == (named[0] if named else "sft")
 
 
 @pytest.mark.parametrize("config", DS_CONFIGS, ids=str)

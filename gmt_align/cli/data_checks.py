@@ -7,6 +7,8 @@ TRL's trainers would otherwise stop deep in their preprocessing with ``KeyError:
   ``dataset_text_field`` (``text``), or ``prompt`` and ``completion``. A tokenized dataset
   (``input_ids``) and ``dataset_kwargs: {skip_prepare_dataset: true}`` are taken as they are.
 - DPO: ``chosen`` and ``rejected`` (``prompt`` is optional: TRL extracts an implicit one).
+- GRPO: ``prompt``, and every column a reward function takes by name without a default (TRL hands
+  each reward function the data's columns by name: ``arithmetic_accuracy`` reads ``answer``).
 - With ``dataset_prompt_column`` / ``dataset_completion_column``: those two columns.
 
 A row where a needed column is missing (null: JSON Lines rows need not share their keys) or a
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from .common import DataError, option_value
 
-__all__ = ["check_rows", "needed_columns"]
+__all__ = ["check_rows", "needed_columns", "reward_columns"]
 
 
 def needed_columns(method: str, columns: list[str], script_args, training_args, where: str) -> list[str]:
@@ -31,6 +33,13 @@ def needed_columns(method: str, columns: list[str], script_args, training_args, 
             if column not in columns:
                 raise DataError(f"{where}: no column {column!r} ({key}); {have}")
         return [prompt, completion]
+    if method == "grpo":
+        needed = ["prompt", *reward_columns(script_args)]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(f"{where}: GRPO needs the column(s) {', '.join(map(repr, missing))} (the prompt, and "
+                            f"what the reward functions read by name); {have}")
+        return needed
     if method == "dpo":
         missing = [c for c in ("chosen", "rejected") if c not in columns]
         if missing:
@@ -48,6 +57,28 @@ def needed_columns(method: str, columns: list[str], script_args, training_args, 
     raise DataError(f"{where}: no SFT column: TRL's SFT reads 'messages', {text!r} (plain text), or 'prompt' and "
                     f"'completion' ({hint}; two text columns can be named with dataset_prompt_column and "
                     "dataset_completion_column)")
+
+
+# What TRL's GRPOTrainer passes to every reward function besides the data's columns.
+_GIVEN_TO_REWARDS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+                     "environments"}
+
+
+def reward_columns(script_args) -> list[str]:
+    """The columns the recipe's reward functions take by name without a default (a reward model reads
+    none), in order, each once."""
+    import inspect
+
+    from .rewards import resolve_reward
+
+    columns: list[str] = []
+    for name in option_value(script_args, "reward_funcs") or []:
+        for parameter in inspect.signature(resolve_reward(name)).parameters.values():
+            if (parameter.default is parameter.empty and parameter.name not in _GIVEN_TO_REWARDS
+                    and parameter.name not in columns
+                    and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)):
+                columns.append(parameter.name)
+    return columns
 
 
 def check_rows(dataset, method: str, script_args, training_args, where: str):

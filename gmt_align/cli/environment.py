@@ -2,8 +2,9 @@
 
 :func:`machine_problems` lists, one line each, what a recipe asks of the machine that it lacks:
 a package (``peft`` for ``use_peft``; ``bitsandbytes`` for ``load_in_4bit``/``load_in_8bit``;
-``liger-kernel`` for ``use_liger_kernel``) or a GPU (QLoRA and Liger's Triton kernels need one; so
-does ``bf16``, TRL's default, unless ``use_cpu``), and a stale lock left in torch's extension folder
+``liger-kernel`` for ``use_liger_kernel``; ``vllm`` for GRPO's ``use_vllm``; ``math-verify`` for TRL's
+accuracy rewards) or a GPU (QLoRA, Liger's
+Triton kernels and vLLM need one; so does ``bf16``, TRL's default, unless ``use_cpu``), and a stale lock left in torch's extension folder
 by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
 installed torch, DeepSpeed or transformers without an internal that gmt_align reads
 (:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe before loading
@@ -39,9 +40,11 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
-def machine_problems(training_args, model_args) -> list[str]:
+def machine_problems(training_args, model_args, script_args=None) -> list[str]:
     """What the recipe needs that this machine lacks, one line each (see the module docstring)."""
-    problems = []
+    from .rewards import missing_packages
+
+    problems = missing_packages(script_args) if script_args is not None else []
     if option_value(model_args, "use_peft") and not installed("peft"):
         problems.append("use_peft needs the peft package, which is not installed: pip install peft "
                         "(or pip install 'gmt-align[peft]')")
@@ -60,6 +63,12 @@ def machine_problems(training_args, model_args) -> list[str]:
         if lacks:
             problems.append(f"use_liger_kernel needs liger-kernel and a GPU, and this machine lacks "
                             f"{' and '.join(lacks)}: drop use_liger_kernel")
+    if option_value(training_args, "use_vllm"):  # GRPO's generation
+        lacks = [what for what, ok in (("the vllm package", installed("vllm")), ("a CUDA GPU", cuda_available()))
+                 if not ok]
+        if lacks:
+            problems.append(f"use_vllm needs vLLM and a CUDA GPU, and this machine lacks {' and '.join(lacks)}: drop "
+                            "use_vllm (generation then runs with transformers)")
     bf16 = bf16_problem(option_value(training_args, "bf16"), option_value(training_args, "fp16"),
                         option_value(training_args, "use_cpu"))
     if bf16:

@@ -1,4 +1,4 @@
-"""The ``gmt-align`` command: ``gmt-align {sft,dpo} --config RECIPE.yaml [--field value ...]``.
+"""The ``gmt-align`` command: ``gmt-align {sft,dpo,grpo} --config RECIPE.yaml [--field value ...]``.
 
 Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 ``deepspeed --module gmt_align.cli ...``). A bad recipe or option exits with status 2 and one
@@ -21,11 +21,12 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 
-# Each command: its help line, and the module whose main(argv) runs it (sft and dpo: a training run).
+# Each command: its help line, and the module whose main(argv) runs it (None: a training run).
 COMMANDS = {
     "sft": ("supervised fine-tuning with Gradient-Mask Tuning (a recipe: --config RECIPE.yaml [--field value ...])",
             None),
     "dpo": ("direct preference optimisation with Gradient-Mask Tuning (likewise)", None),
+    "grpo": ("group relative policy optimisation (TRL's GRPO) with Gradient-Mask Tuning (likewise)", None),
     "validate": ("check recipes and their DeepSpeed config without loading a model; list every problem", ".validate"),
     "report": ("plots and a summary of a run's mask telemetry (OUTPUT_DIR/gmt_stats.jsonl)", ".report"),
     "eval": ("greedy accuracy (95%% Wilson interval) on a held-out split, or --metric nll / preference", ".evaluate"),
@@ -36,7 +37,7 @@ EPILOG = """examples:
   gmt-align validate recipes/quickstart/sft.yaml
   gmt-align report outputs/quickstart-sft
   gmt-align eval --model outputs/quickstart-sft --task basic_arithmetic
-`gmt-align COMMAND --help` lists a command's options (for sft and dpo: every recipe field)."""
+`gmt-align COMMAND --help` lists a command's options (for sft, dpo and grpo: every recipe field)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     """The command and its choice of subcommand; each subcommand parses the rest of the line itself
-    (sft and dpo with TRL's ``TrlParser``), as ``trl``'s CLI hands each script its own arguments."""
+    (the training commands with TRL's ``TrlParser``), as ``trl``'s CLI hands each script its own arguments."""
     from gmt_align import __version__
 
     parser = _Parser(prog="gmt-align", description="Gradient-Mask Tuning for TRL's trainers.", epilog=EPILOG,
@@ -115,6 +116,7 @@ def _run(command: str, rest: list[str]) -> int:
 
     from .data import DataError
     from .recipe import RecipeError, parse_recipe
+    from .rewards import RewardError
     from .train import train
 
     try:
@@ -124,7 +126,8 @@ def _run(command: str, rest: list[str]) -> int:
         return 2
     try:
         train(command, *parsed)
-    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError, TelemetryStateError) as error:
+    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError, TelemetryStateError,
+            RewardError) as error:
         # all raised before the first step
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ problem that can be found before a model loads.
 script_args, training_args, model_args = parse_recipe("sft", ["--config", "recipe.yaml", "--max_steps", "2"])
 ```
 
-Both commands that read recipes go through this module: ``gmt-align sft|dpo`` (:func:`parse_recipe`
+Both commands that read recipes go through this module: ``gmt-align sft|dpo|grpo`` (:func:`parse_recipe`
 stops at the first problem, one line) and ``gmt-align validate`` (every problem of a recipe at once,
 from :func:`problems`, :func:`source_problems`, :func:`unknown_key` and :func:`override_value`). The
 DeepSpeed JSON is checked by :mod:`gmt_align.cli.deepspeed_checks`; what the machine lacks, by
@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+from trl.scripts.grpo import GRPOScriptArguments
 
 from .data import DATA_FILE_FORMATS, data_source_problems
 from .common import RecipeError, option_value
 
 __all__ = [
     "METHODS",
+    "GMTGRPOScriptArguments",
     "GMTScriptArguments",
     "RecipeError",
     "config_class",
@@ -38,11 +40,12 @@ __all__ = [
     "override_value",
     "parse_recipe",
     "problems",
+    "script_class",
     "source_problems",
     "unknown_key",
 ]
 
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "grpo")
 
 
 class _Parser(TrlParser):
@@ -95,32 +98,45 @@ class GMTScriptArguments(ScriptArguments, DatasetMixtureConfig):
             raise ValueError("datasets: fraction must be set for every entry or for none")
 
 
-def config_class(method: str):
-    """The training arguments of ``method``: :class:`~gmt_align.training.config.GMTSFTConfig` or ``GMTDPOConfig``."""
-    from gmt_align.training.config import GMTDPOConfig, GMTSFTConfig
+@dataclass
+class GMTGRPOScriptArguments(GMTScriptArguments, GRPOScriptArguments):
+    """:class:`GMTScriptArguments` plus what ``trl grpo`` adds: ``reward_funcs`` (names, resolved by
+    :mod:`gmt_align.cli.rewards`) and ``reward_model_name_or_path``."""
 
-    return {"sft": GMTSFTConfig, "dpo": GMTDPOConfig}[method]
+
+def config_class(method: str):
+    """The training arguments of ``method``: :class:`~gmt_align.training.config.GMTSFTConfig`, ``GMTDPOConfig``
+    or ``GMTGRPOConfig``."""
+    from gmt_align.training.config import GMTDPOConfig, GMTGRPOConfig, GMTSFTConfig
+
+    return {"sft": GMTSFTConfig, "dpo": GMTDPOConfig, "grpo": GMTGRPOConfig}[method]
+
+
+def script_class(method: str) -> type:
+    """The script arguments of ``method``: those of ``trl sft`` / ``trl dpo``, or ``trl grpo``'s."""
+    return GMTGRPOScriptArguments if method == "grpo" else GMTScriptArguments
 
 
 def make_parser(method: str) -> TrlParser:
     """TRL's parser for (script, training, model) arguments. A field must be named in full: argparse
     would otherwise take ``--max_step`` for ``--max_steps`` (and a typo for whichever field it begins)."""
-    return _Parser((GMTScriptArguments, config_class(method), ModelConfig), prog=f"gmt-align {method}",
+    return _Parser((script_class(method), config_class(method), ModelConfig), prog=f"gmt-align {method}",
                    allow_abbrev=False)
 
 
 @functools.cache
 def fields(method: str) -> frozenset[str]:
     """Every key a recipe of ``method`` may hold."""
-    classes = (GMTScriptArguments, config_class(method), ModelConfig)
+    classes = (script_class(method), config_class(method), ModelConfig)
     return frozenset(f.name for cls in classes for f in dataclasses.fields(cls))
 
 
 def unknown_key(key: str, method: str) -> str:
-    """One line for a key ``method`` does not take: the other method's field, or the closest known one."""
-    other = "dpo" if method == "sft" else "sft"
-    if key in fields(other):
-        return f"{key} is a {other.upper()} field, not an {method.upper()} one"
+    """One line for a key ``method`` does not take: another method's field, or the closest known one."""
+    other = next((other for other in METHODS if other != method and key in fields(other)), None)
+    if other:
+        article = "an" if method == "sft" else "a"  # "an S-F-T", "a D-P-O", "a G-R-P-O"
+        return f"{key} is a {other.upper()} field, not {article} {method.upper()} one"
     close = difflib.get_close_matches(key, sorted(fields(method)), n=1, cutoff=0.8)
     return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
@@ -160,7 +176,7 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     from .environment import machine_problems
 
     found = problems(script_args, training_args, model_args, explicit=_explicit_keys(argv))
-    found += machine_problems(training_args, model_args)
+    found += machine_problems(training_args, model_args, script_args)
     if found:
         raise RecipeError(found[0])
     from gmt_align.training.runs import RunFolderError, prepare_run_folder
@@ -248,4 +264,7 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     resume = option_value(training_args, "resume_from_checkpoint")  # a path, or true/false (YAML or command line)
     if isinstance(resume, str) and resume.strip().lower() not in BOOLEAN_WORDS and not Path(resume).expanduser().is_dir():
         found.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
+    from .rewards import reward_problems
+
+    found += reward_problems(script_args, needs_one=isinstance(script_args, GMTGRPOScriptArguments))
     return found + model_option_problems(model_args)

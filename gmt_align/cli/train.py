@@ -1,9 +1,10 @@
-"""``gmt-align sft`` and ``gmt-align dpo``: train with GMT from a parsed recipe, as TRL's ``sft.py`` does.
+"""``gmt-align sft``, ``dpo`` and ``grpo``: train with GMT from a parsed recipe, as TRL's scripts do.
 
 ```bash
 gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
 accelerate launch -m gmt_align.cli sft --config recipes/quickstart/sft.yaml
 deepspeed --module gmt_align.cli dpo --config recipes/quickstart/dpo.yaml
+gmt-align grpo --config recipes/quickstart/grpo.yaml
 ```
 
 The recipe is read and checked by :func:`gmt_align.cli.recipe.parse_recipe` before this module runs: a
@@ -51,7 +52,7 @@ def train(method: str, script_args, training_args, model_args):
     from packaging.version import Version
 
     from gmt_align.core.distributed import ensure_deepspeed_comm
-    from gmt_align.training.trainers import GMTDPOTrainer, GMTSFTTrainer
+    from gmt_align.training.trainers import GMTDPOTrainer, GMTGRPOTrainer, GMTSFTTrainer
 
     # Before the model: a bad file fails in seconds, with one line naming it (DataError).
     train_dataset, eval_dataset = load_datasets(script_args, training_args, method)
@@ -65,12 +66,18 @@ def train(method: str, script_args, training_args, model_args):
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
-    trainer_class = {"sft": GMTSFTTrainer, "dpo": GMTDPOTrainer}[method]
+    trainer_class = {"sft": GMTSFTTrainer, "dpo": GMTDPOTrainer, "grpo": GMTGRPOTrainer}[method]
+    extra = {}
+    if method == "grpo":  # resolved (and checked) before anything loaded: gmt_align.cli.rewards
+        from .rewards import reward_functions
+
+        extra["reward_funcs"] = reward_functions(script_args)
     trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
+        **extra,
         **model_kwargs(model_args),
     )
     if script_args.ignore_bias_buffers:

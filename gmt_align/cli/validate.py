@@ -1,8 +1,8 @@
-"""``gmt-align validate RECIPE.yaml [...] [--method sft|dpo] [--here] [--field value ...]``: check before queueing.
+"""``gmt-align validate RECIPE.yaml [...] [--method sft|dpo|grpo] [--here] [--field value ...]``: check first.
 
-Reads a recipe and its DeepSpeed config as ``gmt-align sft|dpo`` would, loads neither model nor
+Reads a recipe and its DeepSpeed config as ``gmt-align sft|dpo|grpo`` would, loads neither model nor
 data, and reports every problem at once, one per line, each prefixed with the file it comes from.
-Overrides (``--deepspeed ds_configs/zero3.json``, ``--max_steps 3``) are read as ``gmt-align sft|dpo``
+Overrides (``--deepspeed ds_configs/zero3.json``, ``--max_steps 3``) are read as the training command
 reads them, so a launch command can be checked as it will run. Exit status: 0 (one ``OK`` line per
 recipe), 1 (problems found), 2 (bad usage of the command).
 
@@ -16,7 +16,7 @@ model has loaded):
 - the DeepSpeed config: what GMT refuses, DeepSpeed's own schema, values that contradict the recipe
   and combinations that would stop or silently change a run (:mod:`gmt_align.cli.deepspeed_checks`).
 
-The checks are those ``gmt-align sft|dpo`` runs before loading (:mod:`gmt_align.cli.recipe`), which stop
+The checks are those ``gmt-align sft|dpo|grpo`` runs before loading (:mod:`gmt_align.cli.recipe`), which stop
 at the first problem; here every problem is listed.
 
 What this machine lacks for the recipe (:func:`gmt_align.cli.environment.machine_problems`: a GPU for
@@ -24,9 +24,9 @@ bf16, QLoRA or Liger; peft, bitsandbytes or liger-kernel) follows as ``on this m
 are notes, since recipes are often checked on a login node for GPU nodes; with ``--here`` (the
 recipe will run on this machine) they are problems.
 
-The method (sft or dpo) is ``--method`` if given, else the recipe's own keys (``beta`` and other
-DPO-only fields mean dpo; ``packing`` and other SFT-only fields mean sft), else ``dpo`` in the
-file's path, else sft.
+The method (sft, dpo or grpo) is ``--method`` if given, else the one whose fields hold every key of the
+recipe (``packing`` means sft, ``reward_funcs`` grpo, ``beta`` dpo or grpo), the method named last in the
+file's path breaking a tie, else the first in the order sft, dpo, grpo.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 
 __all__ = ["Report", "infer_method", "main", "validate_recipe"]
 
-USAGE = """usage: gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo] [--here] [--field value ...]
+USAGE = """usage: gmt-align validate RECIPE.yaml [RECIPE.yaml ...] [--method sft|dpo|grpo] [--here] [--field value ...]
 
 Checks recipes and their DeepSpeed config without loading a model or data, with any overrides the
 training command would take (e.g. --deepspeed ds_configs/zero3.json). Prints one OK line per good
@@ -75,16 +75,14 @@ class Report:
 
 
 def infer_method(recipe: dict, path: str | Path = "") -> str:
-    """sft or dpo, from the recipe's method-specific keys, else its path (see the module docstring)."""
-    from .recipe import fields
+    """The method whose fields hold the recipe's keys, else the one its path names (see the module docstring)."""
+    from .recipe import METHODS, fields
 
-    sft_only, dpo_only = fields("sft") - fields("dpo"), fields("dpo") - fields("sft")
-    keys = set(recipe)
-    if keys & dpo_only and not keys & sft_only:
-        return "dpo"
-    if keys & sft_only and not keys & dpo_only:
-        return "sft"
-    return "dpo" if "dpo" in Path(path).as_posix().lower() else "sft"
+    known = set(recipe) & frozenset().union(*(fields(method) for method in METHODS))
+    fitting = [method for method in METHODS if known <= fields(method)] or list(METHODS)
+    name = Path(path).as_posix().lower()
+    named = sorted((name.rfind(method), method) for method in fitting if method in name)
+    return named[-1][1] if named else fitting[0]
 
 
 def _gmt_problems(recipe: dict) -> dict[str, str]:
@@ -102,11 +100,10 @@ def _gmt_problems(recipe: dict) -> dict[str, str]:
 
 
 def _unknown_key(key: str, method: str) -> str:
-    from .recipe import fields, unknown_key
+    from .recipe import METHODS, fields, unknown_key
 
-    other = "dpo" if method == "sft" else "sft"
-    hint = f" (--method {other}?)" if key in fields(other) else ""
-    return unknown_key(key, method) + hint
+    other = next((other for other in METHODS if other != method and key in fields(other)), None)
+    return unknown_key(key, method) + (f" (--method {other}?)" if other else "")
 
 
 def _build_args(method: str, recipe: dict):
@@ -206,9 +203,9 @@ def validate_recipe(
     raw = {**recipe, **{k: v if v is None or isinstance(v, (str, bool)) else str(v) for k, v in paths.items()}}
     # On the raw values: the recipe is parsed as on CPU (bf16 would be refused), and one TRL cannot parse
     # still has its paths checked.
-    report.machine = [f"{recipe_name}: on this machine: {message}" for message in machine_problems(raw, raw)]
+    report.machine = [f"{recipe_name}: on this machine: {message}" for message in machine_problems(raw, raw, raw)]
     parsed, error = _build_args(method, {k: v for k, v in recipe.items() if k not in _TRAINING_ONLY})
-    # The checks gmt-align sft|dpo runs; the DeepSpeed config's below, where its problems name its file.
+    # The checks the training command runs; the DeepSpeed config's below, where its problems name its file.
     for message in problems(*parsed[:3]) if parsed else source_problems(raw, raw, raw):
         problem(message)
     if error:  # what TRL or transformers refuse, after what the recipe names (their errors may follow from it)
@@ -263,8 +260,11 @@ def main(argv: Sequence[str]) -> int:
         if not value:  # `--key value`, or a bare boolean flag `--key`
             value = argv.pop(0) if argv and not argv[0].startswith("--") else "true"
         if key == "method":
-            if value not in ("sft", "dpo"):
-                print(f"gmt-align validate: error: --method must be sft or dpo, got {value!r}", file=sys.stderr)
+            from .recipe import METHODS
+
+            if value not in METHODS:
+                print(f"gmt-align validate: error: --method must be one of {', '.join(METHODS)}, got {value!r}",
+                      file=sys.stderr)
                 return 2
             method = value
         else:

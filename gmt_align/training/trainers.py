@@ -1,4 +1,4 @@
-"""``GMTSFTTrainer`` and ``GMTDPOTrainer``: TRL's trainers with the GMT engine attached, and
+"""``GMTSFTTrainer``, ``GMTDPOTrainer`` and ``GMTGRPOTrainer``: TRL's trainers with the GMT engine attached, and
 :func:`with_gmt`, which puts it on any other ``transformers.Trainer`` (TRL's KTO, RLOO, reward, GRPO
 trainers, or your own): ``with_gmt(trl.KTOTrainer)`` with ``args=gmt_config(trl.KTOConfig)(...)``.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from gmt_align.backends import attach
 from gmt_align.core.distributed import AllReduce, rank_of, world_size_of
@@ -41,7 +41,7 @@ from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder
 from .stats_file import STATS_FILE, TelemetryStateError, append_record, continue_run, read_run_id, write_run_id
 from .telemetry import MaskTelemetry, read_state
 
-__all__ = ["GMTDPOTrainer", "GMTSFTTrainer", "GMTTrainerMixin", "with_gmt"]
+__all__ = ["GMTDPOTrainer", "GMTGRPOTrainer", "GMTSFTTrainer", "GMTTrainerMixin", "with_gmt"]
 
 
 class _AttachGMT(TrainerCallback):
@@ -232,3 +232,4 @@ def with_gmt(trainer_class: type, name: str | None = None) -> type:
 
 GMTSFTTrainer = with_gmt(SFTTrainer)
 GMTDPOTrainer = with_gmt(DPOTrainer)
+GMTGRPOTrainer = with_gmt(GRPOTrainer)

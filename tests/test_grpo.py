@@ -1,0 +1,194 @@
+"""``gmt-align grpo``: TRL's GRPOTrainer with GMT from a recipe. Rewards named as ``trl grpo`` names
+them (gmt-align's arithmetic_accuracy, TRL's, a dotted path or module:function), refused in one line
+before any model loads when they resolve to nothing; the documented lines run on the tiny model; under
+ZeRO-2 and ZeRO-3 on 2 ranks one GRPO step masks what one process masks."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import UNLOADABLE, run, validate
+from launchers import launch
+from multirank.launch import run_ranks
+from quickstart_runs import assert_unchanged_fraction_is_the_ratio, mask_agreement, saved_weights, unchanged_masks
+
+from gmt_align.cli.rewards import RewardError, resolve_reward, reward_problems
+from gmt_align.evaluation.evaluate import extract_answer
+from gmt_align.evaluation.problems import TRAIN_SEED, make_problems, near_miss
+from gmt_align.evaluation.rewards import arithmetic_accuracy
+from gmt_align.testing import ROOT, distinct_characters
+from gmt_align.training.machine import installed
+
+RECIPE = "recipes/quickstart/grpo.yaml"
+DATA = ROOT / ".cache" / "quickstart" / "data" / "grpo_train.jsonl"
+DOCUMENTED = "gmt-align grpo --config recipes/quickstart/grpo.yaml --max_steps 2"
+
+
+@pytest.fixture(scope="module")
+def grpo_data():
+    from gmt_align.quickstart import prepare_quickstart
+
+    return prepare_quickstart(ROOT / ".cache" / "quickstart")["grpo_train"]
+
+
+def test_arithmetic_accuracy_is_the_task_scorer_on_the_extracted_answer():
+    """Right answers, phrased answers and near misses, as text and as chat turns: 1.0 exactly where the
+    reasoning-gym scorer gives the extracted number full marks."""
+    problems = make_problems(60, seed=TRAIN_SEED)
+    rng = random.Random(0)
+    texts = [text for p in problems for text in (p.answer, f"The answer is {p.answer}.", near_miss(p, rng), "no idea")]
+    answers = [p.answer for p in problems for _ in range(4)]
+    tasks = [p.task for p in problems for _ in range(4)]
+    expected = [float(p.score(extract_answer(text)) == 1.0) for p in problems
+                for text in texts[4 * problems.index(p): 4 * problems.index(p) + 4]]
+    assert arithmetic_accuracy(texts, answer=answers, task=tasks) == expected
+    chats = [[{"role": "assistant", "content": text}] for text in texts]
+    assert arithmetic_accuracy(chats, answer=answers, task=tasks) == expected
+    assert expected.count(1.0) == 120  # the right and the phrased answers; no near miss, no "no idea"
+    assert arithmetic_accuracy(["12.0", "13"], answer=["12", "12"]) == [1.0, 0.0]  # no task column
+
+
+def test_rewards_resolve_as_trl_grpo_names_them(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def exact(completions, solution, **kwargs):\n"
+                                            "    return [float(c == s) for c, s in zip(completions, solution)]\n")
+    monkeypatch.chdir(tmp_path)  # trl grpo looks in the working directory first
+    assert resolve_reward("arithmetic_accuracy") is arithmetic_accuracy
+    assert resolve_reward("gmt_align.testing.distinct_characters") is distinct_characters
+    assert resolve_reward("gmt_align.testing:distinct_characters") is distinct_characters
+    dotted, from_file = resolve_reward("my_rewards.exact"), resolve_reward("my_rewards.py:exact")
+    assert dotted(["1", "2"], solution=["1", "1"]) == from_file(["1", "2"], solution=["1", "1"]) == [1.0, 0.0]
+    import trl.rewards
+
+    assert resolve_reward("think_format_reward") is trl.rewards.think_format_reward
+
+
+@pytest.mark.parametrize("name, message", [
+    ("arithmetic_acuracy", "reward_funcs: unknown reward 'arithmetic_acuracy': one of arithmetic_accuracy, "),
+    ("no_such_module.f", "reward_funcs: 'no_such_module.f': no module named 'no_such_module'"),
+    ("gmt_align.testing:nothing", "reward_funcs: 'gmt_align.testing:nothing': gmt_align.testing has no function "
+                                  "'nothing'"),
+    ("missing.py:f", "reward_funcs: 'missing.py:f': no such file missing.py"),
+])
+def test_a_reward_that_resolves_to_nothing_is_one_line(name, message):
+    with pytest.raises(RewardError) as error:
+        resolve_reward(name)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_reward_problems_list_each_name_and_a_missing_reward():
+    assert reward_problems({"reward_funcs": ["arithmetic_accuracy", "think_format_reward"]}, needs_one=True) == []
+    assert reward_problems({"reward_model_name_or_path": "some/hub-model"}, needs_one=True) == []
+    assert [line.split(":")[0] for line in reward_problems({"reward_funcs": ["x", "y.z"]}, needs_one=True)] == [
+        "reward_funcs", "reward_funcs"]
+    assert reward_problems({}, needs_one=True)[0].startswith("GRPO needs a reward")
+    assert reward_problems({"reward_model_name_or_path": "./no/such/dir"}) == [
+        "reward_model_name_or_path: no such directory ./no/such/dir"]
+
+
+def run_cli(*argv, cwd=ROOT, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "gmt_align.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# A hub id: were anything to load it offline, the error would be long, not one line.
+NO_MODEL = ["--model_name_or_path", UNLOADABLE]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--reward_funcs", "nosuch"], "gmt-align grpo: error: reward_funcs: unknown reward 'nosuch'"),
+    (["--use_vllm", "true"], "gmt-align grpo: error: use_vllm needs vLLM and a CUDA GPU, and this machine lacks "
+                             "the vllm package"),
+    (["--reward_funcs", "gmt_align.testing.distinct_characters", "gmt_align.testing.nothing"],
+     "gmt-align grpo: error: reward_funcs: 'gmt_align.testing.nothing': gmt_align.testing has no function"),
+    pytest.param(["--reward_funcs", "accuracy_reward"],
+                 "gmt-align grpo: error: reward_funcs: TRL's accuracy_reward needs the math-verify package",
+                 marks=pytest.mark.skipif(installed("math_verify"), reason="math-verify is installed here")),
+])
+def test_grpo_refuses_before_any_model_loads(capsys, grpo_data, tmp_path, overrides, message):
+    status, lines = run(capsys, "grpo", "--config", RECIPE, "--output_dir", str(tmp_path / "out"), *NO_MODEL,
+                        *overrides)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grpo_recipe_without_a_reward_or_without_the_column_its_reward_reads(capsys, grpo_data, tmp_path):
+    recipe = (ROOT / RECIPE).read_text()
+    (tmp_path / "none.yaml").write_text(recipe.replace("reward_funcs: [arithmetic_accuracy]", ""))
+    status, lines = run(capsys, "grpo", "--config", str(tmp_path / "none.yaml"), *NO_MODEL)
+    assert status == 2 and lines == ["gmt-align grpo: error: GRPO needs a reward: reward_funcs (e.g. "
+                                     "[arithmetic_accuracy], a TRL reward or module:function) or "
+                                     "reward_model_name_or_path"]
+    rows = [json.loads(line) for line in grpo_data.read_text().splitlines()[:4]]
+    with open(tmp_path / "prompts.jsonl", "w") as out:
+        out.writelines(json.dumps({"prompt": row["prompt"]}) + "\n" for row in rows)
+    (tmp_path / "no_answer.yaml").write_text(recipe.replace(str(DATA.relative_to(ROOT)), str(tmp_path / "prompts.jsonl")))
+    status, lines = run(capsys, "grpo", "--config", str(tmp_path / "no_answer.yaml"), *NO_MODEL,
+                        "--output_dir", str(tmp_path / "b"))
+    assert status == 2 and lines == [
+        "gmt-align grpo: error: datasets (the mixture): GRPO needs the column(s) 'answer' (the prompt, and what "
+        "the reward functions read by name); it has: prompt"]
+
+
+def test_validate_reads_grpo_recipes_as_grpo(capsys, grpo_data):
+    status, lines = validate(capsys, RECIPE, "recipes/grpo/qwen2.5-1.5b/gmt.yaml")
+    assert status == 0 and lines[0] == f"OK {RECIPE} (grpo)", lines
+    assert "OK recipes/grpo/qwen2.5-1.5b/gmt.yaml (grpo, ds_configs/zero3.json: ZeRO-3)" in lines
+    status, lines = validate(capsys, RECIPE, "--method", "sft")
+    assert status == 1 and "reward_funcs is a GRPO field, not an SFT one (--method grpo?)" in "\n".join(lines), lines
+
+
+def stats(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "gmt_stats.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.real_model
+def test_the_documented_grpo_line_trains_two_masked_steps(grpo_data, tiny_model, tmp_path):
+    """docs/recipes.md's line as written, on the tiny model with a reward that varies within a group
+    (it answers no arithmetic): two steps, each keeping 1 - gmt_mask_ratio of the entries."""
+    assert DOCUMENTED in (ROOT / "docs" / "recipes.md").read_text()
+    result = run_cli(*DOCUMENTED.split()[1:], "--output_dir", str(tmp_path), *tiny_model,
+                     "--reward_funcs", "gmt_align.testing.distinct_characters", "--max_completion_length", "8",
+                     "--logging_steps", "1", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logged = [entry for entry in stats(tmp_path) if "gmt/kept_fraction" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2], logged
+    # 0.9 masked: ceil(0.1 n) kept of every tensor; fewer in the embedding, whose absent tokens have no gradient
+    assert all(0.05 < entry["gmt/kept_fraction"] <= 0.1 + 1e-4 for entry in logged), logged
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_grpo_under_zero_masks_what_one_process_masks(grpo_data, tiny_model, tmp_path, stage):
+    """One GRPO step (tests/multirank/grpo_worker.py): 2 ranks x 2 rows under ZeRO against 1 process
+    x 4 rows, the same completions (sampling seeded by each row's place), update mode: the same entries
+    unchanged, exactly the mask ratio of each tensor, the same kept counts."""
+    worker = str(ROOT / "tests" / "multirank" / "grpo_worker.py")
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, worker, str(one), "none", "4"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert single.returncode == 0, single.stderr[-4000:]
+    for rank, result in enumerate(run_ranks([worker, str(two), f"ds_configs/{stage}.json", "2"], world=2)):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+    base = saved_weights(tiny_model[1])
+    assert_unchanged_fraction_is_the_ratio(base, saved_weights(two), 0.3)
+    overall, worst = mask_agreement(unchanged_masks(base, saved_weights(two)), unchanged_masks(base, saved_weights(one)))
+    assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
+    assert json.loads((two / "kept.json").read_text()) == json.loads((one / "kept.json").read_text())
+
+
+@pytest.mark.multirank
+@pytest.mark.launcher
+def test_grpo_launched_under_zero3(grpo_data, tiny_model, tmp_path):
+    """docs/distributed.md's GRPO line, as written, on 2 CPU ranks: real sampling on each rank, GMT's
+    kept fraction reduced over both."""
+    launch("accelerate_zero3_grpo", tmp_path, *tiny_model, "--num_generations", "2",
+                       "--reward_funcs", "gmt_align.testing.distinct_characters", "--max_completion_length", "8")
+    logged = [entry for entry in stats(tmp_path) if "gmt/kept_fraction" in entry]
+    assert len(logged) == 2 and all(0.05 < entry["gmt/kept_fraction"] <= 0.1 + 1e-4 for entry in logged), logged
+    assert (tmp_path / "model.safetensors").is_file()
