@@ -1,7 +1,7 @@
 """``gmt-align grpo``: TRL's GRPOTrainer with GMT from a recipe. Rewards named as ``trl grpo`` names
 them (gmt-align's arithmetic_accuracy, TRL's, a dotted path or module:function), refused in one line
 before any model loads when they resolve to nothing; the documented lines run on the tiny model; under
-ZeRO-2 and ZeRO-3 on 2 ranks one GRPO step masks what one process masks."""
+ZeRO-2, ZeRO-3 and FSDP2 on 2 ranks one GRPO step masks what one process masks."""
 
 import json
 import os
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import UNLOADABLE, run, validate
-from launchers import launch
-from multirank.launch import run_ranks
+from launchers import launch, launcher_env
+from multirank.launch import free_port, run_ranks, run_together
+from test_fsdp2_trainer import fsdp_on_cpu
 from quickstart_runs import assert_unchanged_fraction_is_the_ratio, mask_agreement, saved_weights, unchanged_masks
 
 from gmt_align.cli.rewards import RewardError, resolve_reward, reward_problems
@@ -162,24 +163,44 @@ def test_the_documented_grpo_line_trains_two_masked_steps(grpo_data, tiny_model,
     assert (tmp_path / "model.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def one_process_grpo_step(grpo_data, tiny_model, tmp_path_factory):
+    """1 process x 4 rows: the step every 2-rank run below must mask alike."""
+    out = tmp_path_factory.mktemp("one")
+    result = subprocess.run([sys.executable, WORKER, str(out), "none", "4"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+WORKER = str(ROOT / "tests" / "multirank" / "grpo_worker.py")
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_grpo_under_zero_masks_what_one_process_masks(grpo_data, tiny_model, tmp_path, stage):
-    """One GRPO step (tests/multirank/grpo_worker.py): 2 ranks x 2 rows under ZeRO against 1 process
-    x 4 rows, the same completions (sampling seeded by each row's place), update mode: the same entries
-    unchanged, exactly the mask ratio of each tensor, the same kept counts."""
-    worker = str(ROOT / "tests" / "multirank" / "grpo_worker.py")
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run([sys.executable, worker, str(one), "none", "4"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    assert single.returncode == 0, single.stderr[-4000:]
-    for rank, result in enumerate(run_ranks([worker, str(two), f"ds_configs/{stage}.json", "2"], world=2)):
-        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+@pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp2"])
+def test_grpo_on_two_ranks_masks_what_one_process_masks(one_process_grpo_step, tiny_model, tmp_path, backend):
+    """One GRPO step (tests/multirank/grpo_worker.py): 2 ranks x 2 rows under ZeRO-2, ZeRO-3 or FSDP2
+    against 1 process x 4 rows, the same completions (sampling seeded by each row's place), update
+    mode: the same entries unchanged, exactly the mask ratio of each tensor, the same kept counts."""
+    two = tmp_path / "two"
+    if backend == "fsdp2":  # accelerate's FSDP path on CPU ranks, as tests/test_fsdp2_trainer.py runs it
+        env = launcher_env(**fsdp_on_cpu(), MASTER_PORT=str(free_port()))
+        command = ["accelerate", "launch", "--config_file", "recipes/accelerate_configs/fsdp2.yaml",
+                   "--num_processes", "2", "--main_process_port", env["MASTER_PORT"], WORKER, str(two), "fsdp2", "2"]
+        (result,) = run_together([(command, env)], timeout=600)
+        assert result.returncode == 0, result.stdout[-4000:]
+    else:
+        for rank, result in enumerate(run_ranks([WORKER, str(two), f"ds_configs/{backend}.json", "2"], world=2)):
+            assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+    one_ran, two_ran = (json.loads((out / "kept.json").read_text()) for out in (one_process_grpo_step, two))
+    assert two_ran["ran"] == {"world": 2, "deepspeed": backend != "fsdp2", "fsdp": backend == "fsdp2",
+                              "backend": {"zero2": "zero12", "zero3": "zero3", "fsdp2": "fsdp2"}[backend]}, two_ran
     base = saved_weights(tiny_model[1])
     assert_unchanged_fraction_is_the_ratio(base, saved_weights(two), 0.3)
-    overall, worst = mask_agreement(unchanged_masks(base, saved_weights(two)), unchanged_masks(base, saved_weights(one)))
+    overall, worst = mask_agreement(unchanged_masks(base, saved_weights(two)),
+                                    unchanged_masks(base, saved_weights(one_process_grpo_step)))
     assert overall >= 0.99999 and worst >= 0.9999, (overall, worst)
-    assert json.loads((two / "kept.json").read_text()) == json.loads((one / "kept.json").read_text())
+    assert two_ran["kept"] == one_ran["kept"]
 
 
 @pytest.mark.multirank

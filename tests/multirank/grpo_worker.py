@@ -1,6 +1,7 @@
 """One process (or one rank of a real DeepSpeed job) training one GRPO step with GMT on the tiny model.
 
-``python grpo_worker.py OUTPUT_DIR DEEPSPEED_JSON|none PER_DEVICE_BATCH``: TRL's GRPOTrainer with GMT
+``python grpo_worker.py OUTPUT_DIR DEEPSPEED_JSON|none|fsdp2 PER_DEVICE_BATCH`` (fsdp2: under ``accelerate
+launch`` with recipes/accelerate_configs/fsdp2.yaml and tests/fsdp2_on_cpu): TRL's GRPOTrainer with GMT
 (gmt_align.GMTGRPOTrainer), update mode, on the quickstart's GRPO prompts; the model is saved to
 OUTPUT_DIR. The one thing replaced is the sampling: ``generate`` draws each completion's tokens from a
 seed made of the prompt and the row's place in the global batch, so that 1 process x 4 rows and
@@ -45,14 +46,15 @@ def position_seeded_generate(model):
 
 
 def main():
-    output_dir, deepspeed, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    output_dir, backend, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rows = [json.loads(line) for line in
             (ROOT / ".cache" / "quickstart" / "data" / "grpo_train.jsonl").read_text().splitlines()[:16]]
     args = GMTGRPOConfig(
         output_dir=output_dir, per_device_train_batch_size=per_device, num_generations=2,
-        max_completion_length=COMPLETION_LENGTH, max_steps=1, learning_rate=1e-3, bf16=False, use_cpu=True,
+        max_completion_length=COMPLETION_LENGTH, max_steps=1, learning_rate=1e-3, bf16=False,
+        use_cpu=backend != "fsdp2",  # with use_cpu, accelerate gives CPU ranks DDP, not FSDP
         report_to="none", save_strategy="no", logging_steps=1, seed=0, data_seed=0,
-        deepspeed=None if deepspeed == "none" else deepspeed,
+        deepspeed=backend if backend.endswith(".json") else None,
         gmt_mask_ratio=RATIO, gmt_mode="update",
     )
     if args.deepspeed:
@@ -63,8 +65,10 @@ def main():
     trainer.train()
     trainer.save_model(output_dir)
     kept = trainer.mask_hooks.kept()  # summed over the ranks: every rank takes part
-    if trainer.args.process_index == 0:
-        Path(output_dir, "kept.json").write_text(json.dumps(kept))
+    if trainer.args.process_index == 0:  # what ran: the test checks the backend was the one asked for
+        ran = {"world": trainer.args.world_size, "deepspeed": trainer.is_deepspeed_enabled,
+               "fsdp": trainer.is_fsdp_enabled, "backend": trainer.mask_hooks.backend}
+        Path(output_dir, "kept.json").write_text(json.dumps({"kept": kept, "ran": ran}))
 
 
 if __name__ == "__main__":
