@@ -135,10 +135,14 @@ def unknown_key(key: str, method: str) -> str:
     """One line for a key ``method`` does not take: another method's field, or the closest known one."""
     other = next((other for other in METHODS if other != method and key in fields(other)), None)
     if other:
-        article = "an" if method == "sft" else "a"  # "an S-F-T", "a D-P-O", "a G-R-P-O"
-        return f"{key} is a {other.upper()} field, not {article} {method.upper()} one"
+        return f"{key} is {_a(other)} field, not {_a(method)} one"
     close = difflib.get_close_matches(key, sorted(fields(method)), n=1, cutoff=0.8)
     return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _a(method: str) -> str:
+    """The method's name with its article, as it is read aloud: "an SFT", "a DPO", "a GRPO"."""
+    return f"{'an' if method == 'sft' else 'a'} {method.upper()}"
 
 
 def override_value(method: str, key: str, value: str):
