@@ -213,3 +213,18 @@ def test_grpo_launched_under_zero3(grpo_data, tiny_model, tmp_path):
     logged = [entry for entry in stats(tmp_path) if "gmt/kept_fraction" in entry]
     assert len(logged) == 2 and all(0.05 < entry["gmt/kept_fraction"] <= 0.1 + 1e-4 for entry in logged), logged
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_the_grpo_study_plans_its_arms_paired_by_seed_and_refuses_a_mixed_folder(tmp_path, capsys):
+    """benchmarks/grpo_study.py --plan: base once, every other arm at every seed; a folder holding runs
+    of another regime is refused (the runs themselves: docs/results.md, once made)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grpo_study
+
+    grpo_study.main(["--out", str(tmp_path), "--seeds", "1", "2", "--plan"])
+    planned = capsys.readouterr().out.partition(f"{tmp_path}: ")[2].strip().split(", ")
+    assert planned[0] == "base-s1" and "base-s2" not in planned and len(planned) == 1 + 7 * 2
+    assert {"gmt-0.99-s2", "random-0.99-s2", "grpo-s1"} <= set(planned)
+    (tmp_path / "study.json").write_text(json.dumps({**grpo_study.REGIME, "lr": 1.0}))
+    with pytest.raises(SystemExit, match="holds runs of another regime"):
+        grpo_study.main(["--out", str(tmp_path), "--plan"])
