@@ -58,8 +58,10 @@ class _AttachGMT(TrainerCallback):
         start_telemetry(trainer, args, state, restart=trainer._gmt_restart_telemetry)
 
     def on_step_end(self, args, state, control, **kwargs):
-        """A step that ZeRO skipped for a non-finite gradient norm (fp32/bf16): the same rule as
-        GMT's own check, on every rank (DeepSpeed's overflow flag is already reduced)."""
+        """A step whose gradient was exactly zero everywhere, if no step call could tell (see
+        ``MaskHooks.step_ended``); a step that ZeRO skipped for a non-finite gradient norm (fp32/bf16):
+        the same rule as GMT's own check, on every rank (DeepSpeed's overflow flag is already reduced)."""
+        self.trainer.mask_hooks.step_ended()  # a gradient exactly zero everywhere, if not decided in the step
         if not self.trainer.mask_hooks.backend_overflowed():
             return
         if args.gmt_nonfinite == "skip":
