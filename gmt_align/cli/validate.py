@@ -114,8 +114,10 @@ def _build_args(method: str, recipe: dict):
     ``use_cpu`` is forced so that bf16 recipes for GPUs can be checked on a login node."""
     from .recipe import RecipeError, make_parser
 
+    from gmt_align.training.config import parsing_for_another_machine
+
     parser = make_parser(method)
-    with warnings.catch_warnings(), _one_process():
+    with warnings.catch_warnings(), _one_process(), parsing_for_another_machine():
         warnings.simplefilter("ignore")
         try:
             parser.set_defaults_with_config(**{**recipe, "use_cpu": True})
