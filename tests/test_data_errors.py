@@ -38,6 +38,14 @@ DPO_ROW = {"prompt": "1+1", "chosen": "2", "rejected": "3"}
     ("sft", '[1, 2]\n', "{file} line 1: a JSON object per line is expected, got list"),
     ("dpo", '{"prompt": "1+1", "chosen": "2"}\n', "{file}: DPO needs 'chosen' and 'rejected' columns, and 'rejected' is missing"),
     ("dpo", json.dumps(DPO_ROW) + '\n{"prompt": "1+2", "chosen": "3"}\n', "{file} row 2 (line 2): no 'rejected'"),
+    ("sft", json.dumps(messages(1)) + "\n" + json.dumps({"messages": [{"role": "wizard", "content": "1+1"},
+                                                                       {"role": "assistant", "content": "2"}]}) + "\n",
+     "{file} row 2 (line 2): 'messages' has the role 'wizard'; TRL takes system, user, assistant, tool"),
+    ("sft", json.dumps({"conversations": [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]}) + "\n",
+     "{file} row 1 (line 1): 'conversations' has the role 'human'; TRL takes system, user, assistant, tool"),
+    ("dpo", json.dumps({"prompt": [{"role": "user", "content": "1+1"}], "chosen": [{"role": "assistant", "content": "2"}],
+                        "rejected": [{"role": "bot", "content": "3"}]}) + "\n",
+     "{file} row 1 (line 1): 'rejected' has the role 'bot'; TRL takes system, user, assistant, tool"),
 ])
 def test_bad_data_is_one_line_naming_file_and_row(capsys, recipe, tmp_path, method, content, needle):
     data = tmp_path / "bad.jsonl"
