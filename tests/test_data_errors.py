@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import messages, recipe_writer, run
+from cli_helpers import messages, recipe_writer, run, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,3 +65,53 @@ def test_bad_data_in_a_real_process(recipe, tmp_path):
     assert [line for line in result.stderr.splitlines() if "error" in line] == [
         f"gmt-align sft: error: {data} line 2: not valid JSON (Expecting property name enclosed in double quotes, "
         "column 2)"]
+
+
+# --- answers cut away by max_length: counted on the rows TRL tokenized, before training (issue 30) -----------
+def long_rows(method, count, prompt_words):
+    """Rows whose prompt alone is about ``prompt_words`` tokens (the quickstart's max_length is 128)."""
+    if method == "dpo":
+        return [{"prompt": "word " * prompt_words, "chosen": "2", "rejected": "3"}] * count
+    return [{"prompt": [{"role": "user", "content": "word " * prompt_words}],
+             "completion": [{"role": "assistant", "content": "2"}]}] * count
+
+
+def cli_run(method, data, out, *extra):
+    from gmt_align.testing import cpu_env
+    from quickstart_runs import recipe_argv
+
+    argv = recipe_argv(method, out, "--dataset_name", str(data), "--max_steps", "1", *extra)
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_data_whose_every_answer_is_truncated_away_is_refused(tiny_model, tmp_path, method):
+    data = tmp_path / "long.jsonl"
+    write_jsonl(data, long_rows(method, 4, 300))
+    result = cli_run(method, data, tmp_path / "out", *tiny_model)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"gmt-align {method}: error: train data: every one of its 4 rows loses all of its answer (the tokens the loss "
+        "covers) to max_length=128 truncation (keep_start): nothing would be learnt; raise max_length or shorten "
+        "the rows"]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_partial_loss_to_truncation_is_counted_in_one_line(tiny_model, tmp_path, method):
+    """A 100,000-character answer is cut (part of it kept), a long prompt loses its whole answer: the run
+    trains on the rest and says how many rows lose what."""
+    short = [{"prompt": f"{i}+1", "chosen": str(i + 1), "rejected": "0"} for i in range(6)] if method == "dpo" else \
+        [{"prompt": [{"role": "user", "content": f"{i}+1"}], "completion": [{"role": "assistant", "content": str(i)}]}
+         for i in range(6)]
+    huge = dict(short[0], **({"chosen": "x" * 100_000} if method == "dpo" else
+                             {"completion": [{"role": "assistant", "content": "x" * 100_000}]}))
+    data = tmp_path / "some.jsonl"
+    write_jsonl(data, short + [huge] + long_rows(method, 1, 300))
+    result = cli_run(method, data, tmp_path / "out", *tiny_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "cuts answers" in line]
+    assert len(said) == 1 and said[0].endswith(
+        "train data: max_length=128 (keep_start) cuts answers (the tokens the loss covers): 1 of 8 rows lose all of "
+        "theirs (TRL drops them) and 1 lose part; raise max_length or shorten the rows"), said

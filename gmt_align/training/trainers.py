@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Sized
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from .log_routing import route_figures
 from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder
 from .stats_file import STATS_FILE, TelemetryStateError, append_record, continue_run, read_run_id, write_run_id
 from .telemetry import MaskTelemetry, read_state
+from .truncation import check_truncation
 
 __all__ = ["GMTDPOTrainer", "GMTSFTTrainer", "GMTTrainerMixin", "with_gmt"]
 
@@ -174,7 +176,14 @@ class GMTTrainerMixin:
                 f"{type(self).__name__} needs args with the gmt_* fields (GMTSFTConfig, GMTDPOConfig, or "
                 f"gmt_config(ITS_CONFIG_CLASS)(...)), got {type(config).__name__}"
             )
+        data = inspect.signature(parent_init).bind_partial(model, *args, **kwargs).arguments.get("train_dataset")
+        rows_before = len(data) if isinstance(data, Sized) else None
         parent_init(model, *args, **kwargs)
+        # Before training: data that max_length leaves without an answer is refused, a partial loss said.
+        said = check_truncation(self.train_dataset, rows_before, getattr(self.args, "max_length", None),
+                                getattr(self.args, "truncation_mode", "keep_start"), getattr(self.args, "packing", False))
+        if said and self.args.process_index == 0:
+            warnings.warn(said, stacklevel=2)
         self.gmt_record = GMTRunRecord()
         self.add_callback(self.gmt_record)
         if self.args.gmt_mask_ratio > 0:
