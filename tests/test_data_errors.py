@@ -25,6 +25,23 @@ def test_zero_stage_4_is_one_line(capsys, recipe, tmp_path):
     assert (status, lines) == (2, ["gmt-align sft: error: zero_optimization.stage: 4 is not a ZeRO stage (0, 1, 2 or 3)"])
 
 
+def test_a_deepspeed_json_or_recipe_that_does_not_parse_names_file_line_and_column(capsys, recipe, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text('{\n  "zero_optimization": {\n    "stage": 2,\n  }\n}\n')
+    status, lines = run(capsys, "sft", "--config", recipe(), "--deepspeed", str(config))
+    assert (status, lines) == (2, [f"gmt-align sft: error: deepspeed: {config} line 4 column 3: not valid JSON "
+                                   "(Expecting property name enclosed in double quotes)"])
+    status, lines = run(capsys, "sft", "--config", recipe(deepspeed=str(config)))  # named by the recipe
+    assert status == 2 and lines[0].endswith(f"deepspeed: {config} line 4 column 3: not valid JSON (Expecting "
+                                             "property name enclosed in double quotes)"), lines
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: x\nlearning_rate: [1\noutput_dir: y\n")
+    status, lines = run(capsys, "sft", "--config", str(bad))
+    assert (status, lines) == (2, [f"gmt-align sft: error: {bad} line 3 column 11: not valid YAML (while parsing a "
+                                   "flow sequence; expected ',' or ']', but got ':')"])
+    assert run(capsys, "validate", str(bad))[0] == 1
+
+
 DPO_ROW = {"prompt": "1+1", "chosen": "2", "rejected": "3"}
 
 

@@ -164,6 +164,7 @@ def validate_recipe(
     (``deepspeed`` is one of them, given apart for convenience)."""
     import yaml
 
+    from .common import yaml_error
     from .deepspeed_checks import deepspeed_problems, load_deepspeed_config
     from .environment import machine_problems
     from .recipe import RecipeError, fields, problems, source_problems
@@ -180,7 +181,7 @@ def validate_recipe(
         problem("no such file")
         return report
     except yaml.YAMLError as error:
-        problem(f"not valid YAML: {str(error).splitlines()[0]}")
+        report.problems.append(yaml_error(recipe_name, error))
         return report
     if not isinstance(recipe, dict):
         problem("a recipe must be a YAML mapping of field: value")
