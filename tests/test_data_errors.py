@@ -132,3 +132,53 @@ def test_a_partial_loss_to_truncation_is_counted_in_one_line(tiny_model, tmp_pat
     assert len(said) == 1 and said[0].endswith(
         "train data: max_length=128 (keep_start) cuts answers (the tokens the loss covers): 1 of 8 rows lose all of "
         "theirs (TRL drops them) and 1 lose part; raise max_length or shorten the rows"), said
+
+
+# --- weights cut short, a folder that cannot be written: one line before loading (issue 30) ---------------
+def broken_model(tmp_path, how):
+    """A model folder whose model.safetensors is cut short (``truncated``) or not safetensors (``garbage``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / f"{how}-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    weights = folder / "model.safetensors"
+    save_file({"w": torch.zeros(1000, 10)}, str(weights))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if how == "truncated" else b"<html>404 Not Found</html>" * 40)
+    return folder
+
+
+def cli(*argv):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "gmt_align.cli", *argv], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.returncode, [line for line in result.stderr.splitlines() if "error" in line]
+
+
+@pytest.mark.parametrize("how, reason", [("truncated", "incomplete metadata, file not fully covered"),
+                                         ("garbage", "header too large")])
+def test_weights_cut_short_are_one_line_in_sft_and_eval(recipe, tmp_path, how, reason):
+    folder = broken_model(tmp_path, how)
+    said = (f"{folder / 'model.safetensors'} is not a readable safetensors file ({reason}): a copy or download cut "
+            "short? copy or save the model again")
+    assert cli("sft", "--config", recipe(model_name_or_path=str(folder))) == (
+        2, [f"gmt-align sft: error: model_name_or_path: {said}"])
+    assert cli("eval", "--model", str(folder), "--task", "basic_arithmetic", "--n", "2") == (
+        2, [f"gmt-align eval: error: --model: {said}"])
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a folder nobody may write in")
+def test_a_folder_that_cannot_be_written_is_one_line_before_loading(recipe, tmp_path):
+    """/sys refuses new files even to root (chmod does not stop root): as a read-only mount would."""
+    assert cli("sft", "--config", recipe(output_dir="/sys/gmt-align-out")) == (
+        2, ["gmt-align sft: error: output_dir: cannot write in /sys (Permission denied): choose a folder you can "
+            "write to"])
+    model = broken_model(tmp_path, "truncated")
+    (model / "model.safetensors").unlink()  # a model folder whose weights would load
+    assert cli("eval", "--model", str(model), "--task", "basic_arithmetic", "--n", "2", "--output",
+               "/sys/gmt-align-out/eval.jsonl") == (
+        2, ["gmt-align eval: error: --output: cannot write in /sys (Permission denied): choose a folder you can "
+            "write to"])

@@ -25,7 +25,7 @@ from pathlib import Path
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .data import DATA_FILE_FORMATS, data_source_problems
-from .common import RecipeError, option_value, yaml_error
+from .common import RecipeError, option_value, unwritable_problem, weights_problem, yaml_error
 
 __all__ = [
     "METHODS",
@@ -166,6 +166,8 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
 
     found = problems(script_args, training_args, model_args, explicit=_explicit_keys(argv))
     found += machine_problems(training_args, model_args)
+    unwritable = unwritable_problem("output_dir", training_args.output_dir)  # this run's folder, on this machine
+    found += [unwritable] if unwritable else []
     if found:
         raise RecipeError(found[0])
     from gmt_align.training.runs import RunFolderError, prepare_run_folder
@@ -277,6 +279,8 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
         found.append("model_name_or_path is required")
     elif _missing(name):
         found.append(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
+    elif isinstance(name, str) and Path(name).expanduser().is_dir() and weights_problem(name):
+        found.append(f"model_name_or_path: {weights_problem(name)}")
     template = option_value(training_args, "chat_template_path")  # an SFT field
     if template and _missing(template):
         found.append(f"chat_template_path: no such file {template}")
