@@ -40,6 +40,8 @@ Parameters (added to every field of the parent TRL config):
         into the weights. ``"raise"``: every rank stops with ``NonFiniteGradientError`` (one line).
         ``"skip"``: the step changes no weight and no optimizer state on any rank, and is counted
         in ``gmt/skipped_steps``. fp16 loss-scale overflows are skipped by the scaler either way.
+        A gradient exactly zero in every tensor on every rank (a diverged run) follows the same
+        rule (``ZeroGradientError``, a subclass).
     gmt_resume_changed_settings (`bool`, defaults to `False`):
         Allow resuming from a checkpoint trained with other ``gmt_*`` settings (refused otherwise,
         naming the differences); the telemetry (churn, coverage) then starts afresh.
@@ -136,7 +138,8 @@ class GMTArguments:
     gmt_nonfinite: str = field(
         default="raise",
         metadata={
-            "help": "A step whose gradient holds inf/NaN (any tensor, masked or excluded): 'raise' stops "
+            "help": "A step whose gradient holds inf/NaN (any tensor, masked or excluded) or is exactly zero "
+            "everywhere: 'raise' stops "
             "every rank with one line; 'skip' leaves weights and optimizer state untouched on every rank "
             "and counts it (gmt/skipped_steps). fp16 loss-scale overflows are skipped either way.",
             "choices": list(GMT_CHOICES["gmt_nonfinite"]),
