@@ -60,7 +60,8 @@ DPO_ROW = {"prompt": "1+1", "chosen": "2", "rejected": "3"}
      "{file} row 2 (line 2): 'messages' has the role 'wizard'; TRL takes system, user, assistant, tool"),
     ("sft", json.dumps({"conversations": [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]}) + "\n",
      "{file} row 1 (line 1): 'conversations' has the role 'human'; TRL takes system, user, assistant, tool"),
-    ("dpo", json.dumps({"prompt": [{"role": "user", "content": "1+1"}], "chosen": [{"role": "assistant", "content": "2"}],
+    ("dpo", json.dumps({"prompt": [{"role": "user", "content": "1+1"}],
+                        "chosen": [{"role": "assistant", "content": "2"}],
                         "rejected": [{"role": "bot", "content": "3"}]}) + "\n",
      "{file} row 1 (line 1): 'rejected' has the role 'bot'; TRL takes system, user, assistant, tool"),
 ])

@@ -13,7 +13,7 @@ A row where a needed column is missing (null: JSON Lines rows need not share the
 conversation is empty is named by its number, and by its line in a ``.jsonl`` file; so is a turn
 whose role is not one of TRL's (:data:`ROLES`: chat templates would render ``wizard`` as a speaker,
 or fail on it, after the model has loaded). These checks are vectorised over the Arrow columns the
-trainer reads (one pass over the roles, no Python loop over rows): about a second per million turns.
+trainer reads (one pass over the roles, no loop over rows): about 0.02 s per million turns.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def load_deepspeed_config(config: dict | str) -> dict:
         raise RecipeError(f"deepspeed: {config} line {error.lineno} column {error.colno}: not valid JSON "
                           f"({error.msg})") from None
     except (OSError, UnicodeDecodeError) as error:  # a folder, unreadable, not text
-        raise RecipeError(f"deepspeed: {config} cannot be read ({error.strerror if isinstance(error, OSError) else error})") from None
+        reason = error.strerror if isinstance(error, OSError) else error
+        raise RecipeError(f"deepspeed: {config} cannot be read ({reason})") from None
     if not isinstance(loaded, dict):
         raise RecipeError(f"deepspeed: {config} must hold a JSON object")
     return loaded

@@ -3,8 +3,8 @@
 :func:`machine_problems` lists, one line each, what a recipe asks of the machine that it lacks:
 a package (``peft`` for ``use_peft``; ``bitsandbytes`` for ``load_in_4bit``/``load_in_8bit``;
 ``liger-kernel`` for ``use_liger_kernel``) or a GPU (QLoRA and Liger's Triton kernels need one; so
-does ``bf16``, TRL's default, unless ``use_cpu``; ``fp16`` needs one even then), and a stale lock left in torch's extension folder
-by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
+does ``bf16``, TRL's default, unless ``use_cpu``; ``fp16`` needs one even then), and a stale
+lock left in torch's extension folder by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
 installed torch, DeepSpeed or transformers without an internal that gmt_align reads
 (:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe before loading
 anything; ``gmt-align validate`` notes them (recipes are often checked on a login node for GPU

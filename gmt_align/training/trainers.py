@@ -181,7 +181,8 @@ class GMTTrainerMixin:
         parent_init(model, *args, **kwargs)
         # Before training: data that max_length leaves without an answer is refused, a partial loss said.
         said = check_truncation(self.train_dataset, rows_before, getattr(self.args, "max_length", None),
-                                getattr(self.args, "truncation_mode", "keep_start"), getattr(self.args, "packing", False))
+                                getattr(self.args, "truncation_mode", "keep_start"),
+                                getattr(self.args, "packing", False))
         if said and self.args.process_index == 0:
             warnings.warn(said, stacklevel=2)
         self.gmt_record = GMTRunRecord()

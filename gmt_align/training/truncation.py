@@ -11,11 +11,11 @@ with an empty data loader. :func:`check_truncation` says it before training star
 
 "Answer" is what the loss covers: SFT's labels that are not -100 (the completion of prompt/completion
 rows, the assistant turns with ``assistant_only_loss``, else the whole conversation or text, whose
-cut prompt then counts as a partial loss); DPO's chosen and rejected. An SFT row counts as losing part of it when it fills
-``max_length`` with an answer token at the cut (an answer that ends exactly there is counted too:
-the tokenized rows hold no trace of what was cut). Cost: the sequence lengths and one label per
-row, read from the Arrow columns TRL wrote (no second tokenization): a fraction of a second per
-million rows. Streamed (iterable) datasets and ``packing`` are not checked.
+cut prompt then counts as a partial loss); DPO's chosen and rejected. An SFT row counts as losing
+part of it when it fills ``max_length`` with an answer token at the cut (an answer that ends
+exactly there is counted too: the tokenized rows hold no trace of what was cut). Cost: the
+sequence lengths and one label per row, read from the Arrow columns TRL wrote (no second
+tokenization). Streamed (iterable) datasets and ``packing`` are not checked.
 """
 
 from __future__ import annotations
