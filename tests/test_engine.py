@@ -8,7 +8,7 @@ from torch import nn
 
 from gmt_align.backends import attach as attach_gmt
 from gmt_align.core.engine import MaskOptions
-from gmt_align.core.selection import NonFiniteGradientError, keep_count
+from gmt_align.core.selection import NonFiniteGradientError, ZeroGradientError, keep_count
 from gmt_align.training.telemetry import MaskTelemetry
 
 
@@ -164,6 +164,66 @@ def test_non_finite_gradient_raises_before_the_step():
         opt.step()
     for p, q in zip(model.parameters(), before.parameters()):
         assert torch.equal(p, q)
+
+
+def zero_gradients(model, alive=()):
+    """A gradient exactly zero in every tensor but those named in ``alive`` (a diverged model)."""
+    for name, param in model.named_parameters():
+        param.grad = torch.ones_like(param) if name in alive else torch.zeros_like(param)
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "random"])
+def test_a_gradient_zero_in_every_tensor_raises_before_the_step(selection):
+    model = make()
+    zero_gradients(model)
+    before = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # decay would move every weight
+    attach(model, opt, mask_ratio=0.2, selection=selection)
+    with pytest.raises(ZeroGradientError, match="step 1: the gradient is exactly zero in every tensor"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "random"])
+def test_one_live_tensor_excluded_or_not_is_not_an_all_zero_step(selection):
+    for alive, exclude in ((("norm.bias",), ("norm",)), (("proj.bias",), ())):
+        model = make()
+        zero_gradients(model, alive)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        attach(model, opt, mask_ratio=0.2, selection=selection, exclude=exclude)
+        opt.step()  # no error: a tensor still learns
+
+
+def test_all_zero_is_decided_over_every_rank():
+    """The decision is one count reduced over the processes: a process whose own gradients are all
+    zero steps on when another's are not (here the reduce adds the other process's count)."""
+    for others, raises in ((0, True), (7, False)):
+        model = make()
+        zero_gradients(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        adapter, _ = attach(model, opt, mask_ratio=0.2)
+        adapter.engine.reduce = lambda counts, others=others: counts + others if counts.shape == (1,) else counts
+        if raises:
+            with pytest.raises(ZeroGradientError):
+                opt.step()
+        else:
+            opt.step()
+
+
+def test_skip_skips_an_all_zero_step_and_counts_it():
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    adapter, step = attach(model, opt, mask_ratio=0.2, nonfinite="skip")
+    backward(model)
+    opt.step()  # a live step
+    opt.zero_grad()
+    step["n"] += 1
+    zero_gradients(model)
+    before = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="GMT skips step 2: the gradient is exactly zero"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert adapter.skipped_steps == {1}
 
 
 def test_stats_report_the_kept_fraction():

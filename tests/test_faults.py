@@ -4,6 +4,8 @@ cut short, non-finite gradients anywhere, exclude patterns that leave nothing to
 import json
 import math
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -16,7 +18,7 @@ from gmt_align.training.config import GMTSettingError
 from gmt_align.training.runs import RunFolderError, complete_checkpoint, prepare_run_folder, saved_record
 from gmt_align.core.selection import NonFiniteGradientError
 from gmt_align.training.stats_file import read_run_id
-from multirank.launch import run_ranks
+from multirank.launch import ROOT, run_ranks
 from quickstart_runs import recipe_argv
 from test_trainers import COMMON, sft_data, tiny_llama
 
@@ -235,6 +237,49 @@ def test_a_diverging_zero2_run_stops_every_rank_with_one_line(quickstart_files, 
     assert not (tmp_path / "model.safetensors").exists()
     first = load_file(str(smollm2_dir / "model.safetensors"))
     assert first  # the base model is untouched by the failed run (it never saves)
+
+
+# --- a diverged run: the gradient exactly zero everywhere (issue 30) ---------------------------------
+DIVERGE = ["--per_device_train_batch_size", "1", "--learning_rate", "1e6"]
+
+
+def test_a_diverged_run_stops_with_one_line_instead_of_saving_a_ruined_model(quickstart_files, tiny_model, tmp_path):
+    """The user's run: learning_rate 1e6 leaves the loss at ln(vocabulary) and the gradient exactly
+    zero in every tensor from step 2; nothing is inf/NaN. It used to exit 0 with four checkpoints."""
+    from gmt_align.testing import cpu_env
+
+    argv = recipe_argv("sft", tmp_path, *DIVERGE, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1",
+                       *tiny_model)
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                            timeout=600)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert errors == ["gmt-align sft: error: step 2: the gradient is exactly zero in every tensor (the model no longer "
+                      "learns: did the run diverge? check learning_rate) (gmt_nonfinite: skip would skip such steps)"]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("stage, rule", [("zero2", "raise"), ("zero3", "skip")])
+def test_a_diverged_run_on_2_zero_ranks_follows_the_nonfinite_rule(quickstart_files, tiny_model, tmp_path, stage,
+                                                                   rule):
+    """ZeRO steps parameter groups apart: raise decides at the step's end, skip holds the groups and
+    skips the step whole; the count is reduced over both ranks."""
+    argv = recipe_argv("sft", tmp_path, *DIVERGE, "--max_steps", "3", *tiny_model, "--deepspeed",
+                       f"ds_configs/{stage}.json", "--use_cpu", "true", "--gmt_nonfinite", rule)
+    results = run_ranks(argv, world=2)
+    for result in results:
+        assert "Traceback" not in result.stdout
+        if rule == "raise":
+            assert result.returncode == 1, result.stdout[-3000:]
+            assert "error: step 2: the gradient is exactly zero in every tensor" in result.stdout
+        else:
+            assert result.returncode == 0, result.stdout[-3000:]
+            assert "GMT skips step 2: the gradient is exactly zero in every tensor" in result.stdout
+    if rule == "skip":
+        assert "'gmt/skipped_steps': 2" in results[0].stdout  # steps 2 and 3, on rank 0's console
 
 
 def test_ignore_bias_buffers_is_applied_as_trl_dpo_applies_it():

@@ -163,6 +163,17 @@ def test_the_documented_grpo_line_trains_two_masked_steps(grpo_data, tiny_model,
     assert (tmp_path / "model.safetensors").is_file()
 
 
+@pytest.mark.real_model
+def test_grpo_steps_whose_rewards_are_all_equal_go_on(grpo_data, tiny_model, tmp_path):
+    """The tiny model answers no arithmetic: every reward is 0, every advantage 0, the gradient exactly
+    zero. Normal in GRPO (not a diverged run, which stops SFT): both steps run, nothing is kept."""
+    result = run_cli(*DOCUMENTED.split()[1:], "--output_dir", str(tmp_path), *tiny_model,
+                     "--max_completion_length", "4", "--logging_steps", "1", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logged = [entry for entry in stats(tmp_path) if "gmt/kept_fraction" in entry]
+    assert [(entry["step"], entry["gmt/kept_fraction"]) for entry in logged] == [(1, 0.0), (2, 0.0)], logged
+
+
 @pytest.fixture(scope="module")
 def one_process_grpo_step(grpo_data, tiny_model, tmp_path_factory):
     """1 process x 4 rows: the step every 2-rank run below must mask alike."""

@@ -249,3 +249,23 @@ def test_bf16_without_a_gpu_names_the_fix(capsys, recipe):
     assert validate(capsys, path, "--here")[0] == 1
     assert validate(capsys, path, "--here", "--bf16", "false") == (0, [f"OK {path} (sft)"])
     assert parse_recipe("sft", ["--config", path, "--use_cpu", "true"])[1].bf16  # bf16 on the CPU: asked for
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 can run here")
+def test_fp16_on_the_cpu_is_refused_like_bf16_not_trained_in_fp32(capsys, recipe):
+    """accelerate turns fp16 autocast and its loss scaler on only off the CPU: the run used to train
+    bit-identically to fp32. Refused in one line, in a real process, before any model loads."""
+    path = recipe(fp16=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "gmt_align.cli", "sft", "--config", path], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        "gmt-align sft: error: fp16 is true, but this machine has no GPU, and fp16 mixed precision does not run on "
+        "the CPU (the run would silently train in fp32): set --fp16 false (fp16: false in the recipe)"]
+    status, lines = run(capsys, "sft", "--config", path, "--use_cpu", "true")
+    assert status == 2 and len(lines) == 1 and "fp16 is true, but use_cpu is true" in lines[0], lines
+    status, out = validate(capsys, path)  # a recipe for GPU nodes, checked here: a note
+    assert status == 0 and out[1].startswith(f"{path}: on this machine: fp16 is true, but this machine has no GPU")
+    assert validate(capsys, path, "--here")[0] == 1
+    assert validate(capsys, path, "--here", "--fp16", "false") == (0, [f"OK {path} (sft)"])

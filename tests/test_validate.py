@@ -161,8 +161,10 @@ def test_deepspeed_from_the_recipe_and_from_the_command_line(write, tmp_path):
     recipe, ds_path = write({"deepspeed": "./no-such.json"}, ds=ds(stage=3))
     assert problems_of(recipe) == [f"{recipe}: deepspeed: no such file ./no-such.json"]
     assert "ZeRO-3 without" in problems_of(recipe, ds_path)[0]  # --deepspeed wins over the recipe's
-    recipe, ds_path = write(ds="{not json")
-    assert "is not valid JSON" in problems_of(recipe, ds_path)[0]
+    recipe, ds_path = write(ds='{\n  "zero_optimization": {"stage": 2,}\n}\n')
+    assert problems_of(recipe, ds_path) == [
+        f"{recipe}: deepspeed: {ds_path} line 2 column 36: not valid JSON (Expecting property name enclosed in double "
+        "quotes)"]
 
 
 def test_recipe_and_deepspeed_problems_together(write):

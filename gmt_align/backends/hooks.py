@@ -16,10 +16,20 @@ hooks, ``param_groups``), listed in :data:`CONTRACT` and checked on every steppe
 global threshold over flat tensors that DeepSpeed steps one group at a time (ZeRO-1/2 narrows
 ``param_groups`` to group i around each inner step; ZeRO-3 steps each sub-group) empties a group's
 ``params`` for that inner step, and steps it later with the others (``_hold`` / ``_replay_held``).
+``gmt_nonfinite: skip`` holds them the same way, so that a step is skipped whole or not at all.
+
+A step whose gradient is exactly zero in every tensor on every rank (a diverged run: the loss stuck
+at ln(vocabulary size)) follows the ``gmt_nonfinite`` rule too (:class:`ZeroGradientError`). The
+decision is collective and costs one all-reduce of one count per optimizer step: magnitude
+selection's kept counts say it for the masked tensors for free (an entry is kept only if its
+gradient is non-zero, and every unit keeps at least one entry when one is non-zero); excluded
+tensors' gradients, and every gradient under ``random`` selection, are read once more to count
+their non-zero entries.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +37,7 @@ import torch
 
 from gmt_align.core.contract import Contract
 from gmt_align.core.engine import Fragment, MaskEngine, TensorInfo
-from gmt_align.core.selection import NonFiniteGradientError
+from gmt_align.core.selection import NonFiniteGradientError, ZeroGradientError
 
 from .layout import OptimizerLayout
 
@@ -98,7 +108,10 @@ class MaskHooks:
         self.republish = layout.republish
         self._local = layout.local or (lambda tensor: tensor)
         with_units = {key for key, flat in self.flats.items() if engine.units_of(flat.tensors)}
-        self._global_split = engine.options.granularity == "global" and len(with_units) > 1
+        # Flat tensors stepped apart are held until the last: a global threshold needs them all, and
+        # gmt_nonfinite: skip skips a step whole (an inf/NaN or all-zero gradient in any of them).
+        hold_to_skip = engine.options.nonfinite == "skip" and layout.republish is not None
+        self._global_split = (engine.options.granularity == "global" or hold_to_skip) and len(with_units) > 1
         self._with_units = with_units
         self._to_come: set[int] = set()
         self._held_step = -1
@@ -106,7 +119,12 @@ class MaskHooks:
         self._held_now: list[tuple[dict, list]] = []
         self._replaying = False
         self._fragments: list[Fragment] = []
-        self.skipped_steps: set[int] = set()  # steps skipped for inf/NaN gradients (gmt_nonfinite: skip)
+        self.skipped_steps: set[int] = set()  # steps skipped for inf/NaN or all-zero gradients (gmt_nonfinite: skip)
+        # This step's non-zero gradient entries (this process's) that the engine's kept counts do not
+        # show, and whether the all-zero decision was taken in a step call (else at the step's end).
+        self._zero_check_step = -1
+        self._nonzero_unseen = 0
+        self._zero_decided = False
         self._handles = []
         for optimizer in layout.steppers:
             CONTRACT.check(optimizer)
@@ -151,16 +169,68 @@ class MaskHooks:
         everything = fragments + [f for group in held_fragments for f in group]
         try:
             self.engine.nonfinite_outside_selection(everything)
+            self._count_unseen_nonzero(everything)
             if units:  # else only excluded tensors here (the same on every rank): nothing to select
                 self.engine.apply(everything, self.current_step(), units)
+            if len(units) == len(self.engine.keep):  # every unit selected in this call: decide here
+                self._raise_if_all_zero()
         except NonFiniteGradientError as error:  # raised on every rank together, before any write
             if self.engine.options.nonfinite != "skip":
-                raise NonFiniteGradientError(f"step {self.current_step() + 1}: {error} (gmt_nonfinite: skip "
-                                             "would skip such steps)") from None
+                raise type(error)(f"step {self.current_step() + 1}: {error} (gmt_nonfinite: skip "
+                                  "would skip such steps)") from None
+            if isinstance(error, ZeroGradientError) and not self.skipped_steps:
+                warnings.warn(f"GMT skips step {self.current_step() + 1}: {error}; such steps are counted in "
+                              "gmt/skipped_steps", stacklevel=2)
             self._skip(optimizer, stepped)
             return
         self._replay_held(held_fragments)
         self._fragments = fragments
+
+    # --- a gradient that is exactly zero everywhere ----------------------------------------------------
+    # False where a zero gradient is normal: online RL (GRPO, RLOO), whose steps have zero advantage, and
+    # so an exactly zero gradient, when every group's completions got equal rewards. Set by the trainer.
+    zero_gradient_fails = True
+
+    def _count_unseen_nonzero(self, fragments: Sequence[Fragment]) -> None:
+        """Count this process's non-zero gradient entries that selection's kept counts will not show:
+        excluded tensors', and every tensor's under random selection (whose kept entries are random)."""
+        step = self.current_step()
+        if step != self._zero_check_step:
+            self._zero_check_step, self._nonzero_unseen, self._zero_decided = step, 0, False
+        if not self.zero_gradient_fails:
+            return
+        by_rule = self.engine.rule.gradient_is_kept_mask
+        for fragment in fragments:
+            if fragment.grad.numel() and not (by_rule and self.engine.maskable[fragment.tensor_id]):
+                self._nonzero_unseen += int(torch.count_nonzero(fragment.grad))
+
+    def _raise_if_all_zero(self) -> None:
+        """Raise :class:`ZeroGradientError` on every process together if this step's gradient, over
+        every tensor and every process, is exactly zero. Collective (one all-reduce of one count)."""
+        self._zero_decided = True
+        if not self.zero_gradient_fails:
+            return
+        engine = self.engine
+        local = self._nonzero_unseen + (int(engine.last_kept.sum()) if engine.rule.gradient_is_kept_mask
+                                        and engine.step == self._zero_check_step else 0)
+        evidence = torch.tensor([local], dtype=torch.int64)
+        if engine.reduce is not None:
+            evidence = engine.reduce(evidence)
+        if int(evidence[0]) == 0:
+            raise ZeroGradientError("the gradient is exactly zero in every tensor (the model no longer learns: "
+                                    "did the run diverge? check learning_rate)")
+
+    def step_ended(self) -> None:
+        """At the end of an optimizer step (every process): the all-zero decision, when no single step
+        call selected every unit (ZeRO stepping parameter groups apart under ``tensor`` granularity and
+        ``gmt_nonfinite: raise``). Raises :class:`ZeroGradientError` as :meth:`_before_step` would."""
+        if self._zero_decided or self._zero_check_step < 0:
+            return
+        try:
+            self._raise_if_all_zero()
+        except ZeroGradientError as error:
+            raise ZeroGradientError(f"step {self._zero_check_step + 1}: {error} (gmt_nonfinite: skip would "
+                                    "skip such steps)") from None
 
     def _skip(self, optimizer, stepped) -> None:
         """Make this step a no-op on this rank (every rank takes the same decision): the held

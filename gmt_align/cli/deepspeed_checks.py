@@ -47,7 +47,11 @@ def load_deepspeed_config(config: dict | str) -> dict:
     except FileNotFoundError:
         raise RecipeError(f"deepspeed: no such file {config}") from None
     except json.JSONDecodeError as error:
-        raise RecipeError(f"deepspeed: {config} is not valid JSON ({error})") from None
+        raise RecipeError(f"deepspeed: {config} line {error.lineno} column {error.colno}: not valid JSON "
+                          f"({error.msg})") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, unreadable, not text
+        reason = error.strerror if isinstance(error, OSError) else error
+        raise RecipeError(f"deepspeed: {config} cannot be read ({reason})") from None
     if not isinstance(loaded, dict):
         raise RecipeError(f"deepspeed: {config} must hold a JSON object")
     return loaded

@@ -3,9 +3,9 @@
 :func:`machine_problems` lists, one line each, what a recipe asks of the machine that it lacks:
 a package (``peft`` for ``use_peft``; ``bitsandbytes`` for ``load_in_4bit``/``load_in_8bit``;
 ``liger-kernel`` for ``use_liger_kernel``; ``vllm`` for GRPO's ``use_vllm``; ``math-verify`` for TRL's
-accuracy rewards) or a GPU (QLoRA, Liger's
-Triton kernels and vLLM need one; so does ``bf16``, TRL's default, unless ``use_cpu``), and a stale lock left in torch's extension folder
-by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
+accuracy rewards) or a GPU (QLoRA, Liger's Triton kernels and vLLM need one; so does ``bf16``, TRL's
+default, unless ``use_cpu``; ``fp16`` needs one even then), and a stale lock left in torch's extension
+folder by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
 installed torch, DeepSpeed or transformers without an internal that gmt_align reads
 (:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe before loading
 anything; ``gmt-align validate`` notes them (recipes are often checked on a login node for GPU
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from gmt_align.core.build_lock import stale_lock_problems
-from gmt_align.training.machine import bf16_problem, cuda_available, installed
+from gmt_align.training.machine import bf16_problem, cuda_available, fp16_problem, installed
 
 from .contracts import missing_internals
 from .common import option_value
@@ -73,6 +73,9 @@ def machine_problems(training_args, model_args, script_args=None) -> list[str]:
                         option_value(training_args, "use_cpu"))
     if bf16:
         problems.append(bf16)
+    fp16 = fp16_problem(option_value(training_args, "fp16"), option_value(training_args, "use_cpu"))
+    if fp16:
+        problems.append(fp16)
     return problems + stale_lock_problems() + missing_internals()
 
 

@@ -25,6 +25,8 @@ from gmt_align.evaluation.evaluate import (
 from gmt_align.evaluation.problems import EVAL_SEED, TRAIN_SEED
 from gmt_align.training.machine import installed
 
+from .common import unwritable_problem, weights_problem
+
 __all__ = ["build_parser", "check_args", "main"]
 
 
@@ -45,6 +47,14 @@ def check_args(args: argparse.Namespace) -> None:
     elif not (model / "config.json").is_file():
         raise EvalUsageError(f"--model {args.model}: no config.json or adapter_config.json (not a saved model "
                              "or PEFT adapter directory)")
+    for flag, folder in (("--model", model), ("--ref_model", args.ref_model)):
+        problem = weights_problem(folder) if folder is not None and Path(folder).is_dir() else None
+        if problem:
+            raise EvalUsageError(f"{flag}: {problem}")
+    if args.output is not None:
+        problem = unwritable_problem("--output", Path(args.output).expanduser().absolute().parent)
+        if problem:
+            raise EvalUsageError(problem)
     if args.task not in TASKS:
         raise EvalUsageError(f"--task {args.task!r}: unknown task (choose from {', '.join(TASKS)})")
     if args.n is not None and args.n < 1:

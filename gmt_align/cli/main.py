@@ -113,6 +113,7 @@ def _run(command: str, rest: list[str]) -> int:
     from gmt_align.training.config import GMTSettingError
     from gmt_align.training.runs import RunFolderError
     from gmt_align.training.stats_file import TelemetryStateError
+    from gmt_align.training.truncation import DataTruncationError
 
     from .data import DataError
     from .recipe import RecipeError, parse_recipe
@@ -126,8 +127,8 @@ def _run(command: str, rest: list[str]) -> int:
         return 2
     try:
         train(command, *parsed)
-    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError, TelemetryStateError,
-            RewardError) as error:
+    except (UnsupportedOptimizerError, GMTSettingError, RunFolderError, DataError, DataTruncationError,
+            TelemetryStateError, RewardError) as error:
         # all raised before the first step
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 from trl.scripts.grpo import GRPOScriptArguments
 
 from .data import DATA_FILE_FORMATS, data_source_problems
-from .common import RecipeError, option_value
+from .common import RecipeError, option_value, unwritable_problem, weights_problem, yaml_error
 
 __all__ = [
     "METHODS",
@@ -163,13 +163,18 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     import yaml
 
     argv = list(argv)
+    deepspeed = _deepspeed_file(argv)
+    if deepspeed:  # transformers reads it while parsing, and its JSON errors name no file
+        from .deepspeed_checks import load_deepspeed_config
+
+        load_deepspeed_config(deepspeed)
     try:
         script_args, training_args, model_args, from_file, from_line = make_parser(method).parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True)
     except FileNotFoundError as error:
         raise RecipeError(f"no such file: {error.filename}") from None
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise RecipeError(yaml_error(_config_path(argv), error)) from None
     except ValueError as error:
         raise RecipeError(" ".join(str(error).split())) from None
     unknown = [unknown_key(key[2:], method) for key in from_file[0::2]]  # pairs of --key, value
@@ -181,6 +186,8 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
 
     found = problems(script_args, training_args, model_args, explicit=_explicit_keys(argv))
     found += machine_problems(training_args, model_args, script_args)
+    unwritable = unwritable_problem("output_dir", training_args.output_dir)  # this run's folder, on this machine
+    found += [unwritable] if unwritable else []
     if found:
         raise RecipeError(found[0])
     from gmt_align.training.runs import RunFolderError, prepare_run_folder
@@ -191,6 +198,36 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     except RunFolderError as error:
         raise RecipeError(str(error)) from None
     return script_args, training_args, model_args
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The ``--config`` file of a command line."""
+    for index, item in enumerate(argv):
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+        if item == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+def _deepspeed_file(argv: list[str]) -> str | None:
+    """The DeepSpeed JSON a command line names (its last ``--deepspeed``, else the recipe's ``deepspeed``),
+    if it is an existing file (a missing one is said by :func:`source_problems`' checks)."""
+    import yaml
+
+    found = None
+    for index, item in enumerate(argv):
+        if item.startswith("--deepspeed="):
+            found = item.split("=", 1)[1]
+        elif item == "--deepspeed" and index + 1 < len(argv):
+            found = argv[index + 1]
+    if found is None and _config_path(argv):
+        try:
+            recipe = yaml.safe_load(Path(_config_path(argv)).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):  # the parser says what is wrong with it
+            return None
+        found = recipe.get("deepspeed") if isinstance(recipe, dict) else None
+    return found if isinstance(found, str) and Path(found).expanduser().is_file() else None
 
 
 def _explicit_keys(argv: list[str]) -> set[str]:
@@ -262,6 +299,8 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
         found.append("model_name_or_path is required")
     elif _missing(name):
         found.append(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
+    elif isinstance(name, str) and Path(name).expanduser().is_dir() and weights_problem(name):
+        found.append(f"model_name_or_path: {weights_problem(name)}")
     template = option_value(training_args, "chat_template_path")  # an SFT field
     if template and _missing(template):
         found.append(f"chat_template_path: no such file {template}")

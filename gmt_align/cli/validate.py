@@ -111,8 +111,10 @@ def _build_args(method: str, recipe: dict):
     ``use_cpu`` is forced so that bf16 recipes for GPUs can be checked on a login node."""
     from .recipe import RecipeError, make_parser
 
+    from gmt_align.training.config import parsing_for_another_machine
+
     parser = make_parser(method)
-    with warnings.catch_warnings(), _one_process():
+    with warnings.catch_warnings(), _one_process(), parsing_for_another_machine():
         warnings.simplefilter("ignore")
         try:
             parser.set_defaults_with_config(**{**recipe, "use_cpu": True})
@@ -159,6 +161,7 @@ def validate_recipe(
     (``deepspeed`` is one of them, given apart for convenience)."""
     import yaml
 
+    from .common import yaml_error
     from .deepspeed_checks import deepspeed_problems, load_deepspeed_config
     from .environment import machine_problems
     from .recipe import RecipeError, fields, problems, source_problems
@@ -175,7 +178,7 @@ def validate_recipe(
         problem("no such file")
         return report
     except yaml.YAMLError as error:
-        problem(f"not valid YAML: {str(error).splitlines()[0]}")
+        report.problems.append(yaml_error(recipe_name, error))
         return report
     if not isinstance(recipe, dict):
         problem("a recipe must be a YAML mapping of field: value")

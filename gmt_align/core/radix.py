@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["INF_BITS", "NonFiniteGradientError", "Reduce", "radix_within", "raise_on_non_finite",
-           "select_thresholds"]
+__all__ = ["INF_BITS", "NonFiniteGradientError", "Reduce", "ZeroGradientError", "radix_within",
+           "raise_on_non_finite", "select_thresholds"]
 
 INF_BITS = 0x7F800000
 """Bit pattern of +inf; any |x| whose bits are >= this is inf or NaN."""
@@ -34,6 +34,12 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised (identically on every rank) when a selection unit holds an inf or NaN score."""
+
+
+class ZeroGradientError(NonFiniteGradientError):
+    """Raised (identically on every rank) when a step's gradient is exactly zero in every tensor on
+    every rank: nothing can be learnt from it (typically a diverged run). It follows the same
+    ``gmt_nonfinite`` rule as an inf/NaN gradient, hence the subclass."""
 
 
 def identity(counts: torch.Tensor) -> torch.Tensor:

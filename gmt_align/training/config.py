@@ -41,6 +41,9 @@ Parameters (added to every field of the parent TRL config):
         into the weights. ``"raise"``: every rank stops with ``NonFiniteGradientError`` (one line).
         ``"skip"``: the step changes no weight and no optimizer state on any rank, and is counted
         in ``gmt/skipped_steps``. fp16 loss-scale overflows are skipped by the scaler either way.
+        A gradient exactly zero in every tensor on every rank (a diverged run) follows the same
+        rule (``ZeroGradientError``, a subclass), but for online RL (GRPO, RLOO), where it means
+        that every group's completions got equal rewards.
     gmt_resume_changed_settings (`bool`, defaults to `False`):
         Allow resuming from a checkpoint trained with other ``gmt_*`` settings (refused otherwise,
         naming the differences); the telemetry (churn, coverage) then starts afresh.
@@ -59,6 +62,8 @@ Parameters (added to every field of the parent TRL config):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import re
@@ -69,7 +74,8 @@ from trl import DPOConfig, GRPOConfig, SFTConfig
 from gmt_align.core.engine import MaskOptions
 
 __all__ = ["GMTArguments", "GMTSettingError", "GMTDPOConfig", "GMTGRPOConfig", "GMTSFTConfig", "GMT_CHOICES",
-           "exclude_problems", "exclude_problems_from_config", "gmt_config", "mask_options", "refuse_bf16_without_device"]
+           "exclude_problems", "exclude_problems_from_config", "gmt_config", "mask_options",
+           "parsing_for_another_machine", "refuse_bf16_without_device"]
 
 GMT_CHOICES = {
     "gmt_granularity": ("tensor", "global"),
@@ -134,7 +140,8 @@ class GMTArguments:
     gmt_nonfinite: str = field(
         default="raise",
         metadata={
-            "help": "A step whose gradient holds inf/NaN (any tensor, masked or excluded): 'raise' stops "
+            "help": "A step whose gradient holds inf/NaN (any tensor, masked or excluded) or is exactly zero "
+            "everywhere: 'raise' stops "
             "every rank with one line; 'skip' leaves weights and optimizer state untouched on every rank "
             "and counts it (gmt/skipped_steps). fp16 loss-scale overflows are skipped either way.",
             "choices": list(GMT_CHOICES["gmt_nonfinite"]),
@@ -214,12 +221,29 @@ def exclude_problems_from_config(patterns, model_name_or_path: str, **config_kwa
     return exclude_problems(patterns, model)
 
 
+_OTHER_MACHINE = contextvars.ContextVar("gmt_align_parsing_for_another_machine", default=False)
+
+
+@contextlib.contextmanager
+def parsing_for_another_machine():
+    """Within it, configs skip :func:`refuse_bf16_without_device` (``gmt-align validate`` reads recipes
+    meant for GPU nodes on a login node, and notes what this machine lacks apart)."""
+    token = _OTHER_MACHINE.set(True)
+    try:
+        yield
+    finally:
+        _OTHER_MACHINE.reset(token)
+
+
 def refuse_bf16_without_device(args) -> None:
     """TRL's configs default to bf16; transformers then stops with "Your setup doesn't support
-    bf16/gpu" on a machine without one. Say it in gmt-align's words, naming the fix."""
-    from .machine import bf16_problem
+    bf16/gpu" on a machine without one. Say it in gmt-align's words, naming the fix. fp16 where
+    it cannot run (the CPU) is refused too: accelerate would silently train in fp32 there."""
+    from .machine import bf16_problem, fp16_problem
 
-    problem = bf16_problem(args.bf16, args.fp16, args.use_cpu)
+    if _OTHER_MACHINE.get():
+        return
+    problem = bf16_problem(args.bf16, args.fp16, args.use_cpu) or fp16_problem(args.fp16, args.use_cpu)
     if problem:
         raise ValueError(problem)
 
@@ -259,7 +283,7 @@ def gmt_config(config_class: type, name: str | None = None) -> type:
         "__post_init__": __post_init__,
         "__doc__": f"``{config_class.__module__.partition('.')[0]}.{config_class.__name__}`` plus the ``gmt_*`` "
                    "fields documented in :mod:`gmt_align.training.config`. bf16 where this machine has no bf16 "
-                   "device is refused, naming ``bf16=False``.",
+                   "device, and fp16 on the CPU, are refused, naming the fix.",
         "__module__": caller_module(),
     }))
     return cls

@@ -23,10 +23,12 @@ __all__ = ["GMTPrinterCallback", "GMTProgressCallback", "console_view", "route_f
 
 
 def console_view(logs: dict | None) -> dict | None:
-    """``logs`` without the ``gmt/`` keys that are not headline figures."""
+    """``logs`` without the ``gmt/`` keys that are not headline figures (``gmt/skipped_steps``, logged
+    only once a step was skipped, stays)."""
     if logs is None:
         return None
-    return {key: value for key, value in logs.items() if not key.startswith("gmt/") or key in HEADLINE}
+    return {key: value for key, value in logs.items()
+            if not key.startswith("gmt/") or key in HEADLINE or key == "gmt/skipped_steps"}
 
 
 class GMTProgressCallback(ProgressCallback):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-__all__ = ["BF16_FIX", "bf16_problem", "cuda_available", "installed"]
+__all__ = ["BF16_FIX", "accelerator_available", "bf16_problem", "cuda_available", "fp16_problem", "installed"]
 
 BF16_FIX = "set --bf16 false (bf16: false in the recipe) to train in fp32 here"
 
@@ -41,3 +41,27 @@ def bf16_problem(bf16, fp16, use_cpu) -> str | None:
         return None
     default = " (TRL's default when the recipe does not set it)" if bf16 is None else ""
     return f"bf16 is true{default}, but this machine has no GPU with bf16: {BF16_FIX}"
+
+
+def accelerator_available() -> bool:
+    """A device other than the CPU that torch can train on (CUDA, ROCm, XPU, MPS, ...), or XLA."""
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available() if accelerator is not None else torch.cuda.is_available()) \
+        or is_torch_xla_available()
+
+
+def fp16_problem(fp16, use_cpu) -> str | None:
+    """fp16 mixed precision on the CPU: accelerate turns autocast and the loss scaler on only for other
+    devices, so the run would train in fp32, silently. Refused like bf16 without a bf16 GPU."""
+    if not fp16:
+        return None
+    if use_cpu:
+        return "fp16 is true, but use_cpu is true and fp16 mixed precision does not run on the CPU (the run would " \
+               "silently train in fp32): set --fp16 false (fp16: false in the recipe)"
+    if accelerator_available():
+        return None
+    return "fp16 is true, but this machine has no GPU, and fp16 mixed precision does not run on the CPU (the run " \
+           "would silently train in fp32): set --fp16 false (fp16: false in the recipe)"

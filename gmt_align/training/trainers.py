@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Sized
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from .log_routing import route_figures
 from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder
 from .stats_file import STATS_FILE, TelemetryStateError, append_record, continue_run, read_run_id, write_run_id
 from .telemetry import MaskTelemetry, read_state
+from .truncation import check_truncation
 
 __all__ = ["GMTDPOTrainer", "GMTGRPOTrainer", "GMTSFTTrainer", "GMTTrainerMixin", "with_gmt"]
 
@@ -55,11 +57,14 @@ class _AttachGMT(TrainerCallback):
         if trainer.mask_hooks is not None:
             trainer.mask_hooks.detach()
         trainer.mask_hooks = attach(optimizer, model, mask_options(args), lambda: state.global_step)
+        trainer.mask_hooks.zero_gradient_fails = not trainer.gmt_zero_gradient_is_normal()
         start_telemetry(trainer, args, state, restart=trainer._gmt_restart_telemetry)
 
     def on_step_end(self, args, state, control, **kwargs):
-        """A step that ZeRO skipped for a non-finite gradient norm (fp32/bf16): the same rule as
-        GMT's own check, on every rank (DeepSpeed's overflow flag is already reduced)."""
+        """A step whose gradient was exactly zero everywhere, if no step call could tell (see
+        ``MaskHooks.step_ended``); a step that ZeRO skipped for a non-finite gradient norm (fp32/bf16):
+        the same rule as GMT's own check, on every rank (DeepSpeed's overflow flag is already reduced)."""
+        self.trainer.mask_hooks.step_ended()  # a gradient exactly zero everywhere, if not decided in the step
         if not self.trainer.mask_hooks.backend_overflowed():
             return
         if args.gmt_nonfinite == "skip":
@@ -172,7 +177,15 @@ class GMTTrainerMixin:
                 f"{type(self).__name__} needs args with the gmt_* fields (GMTSFTConfig, GMTDPOConfig, or "
                 f"gmt_config(ITS_CONFIG_CLASS)(...)), got {type(config).__name__}"
             )
+        data = inspect.signature(parent_init).bind_partial(model, *args, **kwargs).arguments.get("train_dataset")
+        rows_before = len(data) if isinstance(data, Sized) else None
         parent_init(model, *args, **kwargs)
+        # Before training: data that max_length leaves without an answer is refused, a partial loss said.
+        said = check_truncation(self.train_dataset, rows_before, getattr(self.args, "max_length", None),
+                                getattr(self.args, "truncation_mode", "keep_start"),
+                                getattr(self.args, "packing", False))
+        if said and self.args.process_index == 0:
+            warnings.warn(said, stacklevel=2)
         self.gmt_record = GMTRunRecord()
         self.add_callback(self.gmt_record)
         if self.args.gmt_mask_ratio > 0:
@@ -181,6 +194,12 @@ class GMTTrainerMixin:
                 raise GMTSettingError(problems[0])
             self.add_callback(_AttachGMT(self))
             route_figures(self)
+
+    def gmt_zero_gradient_is_normal(self) -> bool:
+        """Whether a step whose gradient is exactly zero everywhere is normal (it goes on) rather than a
+        diverged run (the ``gmt_nonfinite`` rule): so for online RL, trainers with reward functions
+        (GRPO, RLOO), whose advantages are all zero when every group's completions got equal rewards."""
+        return getattr(self, "reward_funcs", None) is not None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """As the Trainer's, after :func:`gmt_align.training.runs.prepare_run_folder`: ``True`` means the newest
