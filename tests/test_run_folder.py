@@ -4,6 +4,7 @@ checkpoints whose optimizer state a run cannot load, SIGTERM; then all of it on 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,10 +70,15 @@ def test_a_live_run_holds_its_folder_and_a_killed_one_does_not(tmp_path):
 def test_the_command_refuses_a_folder_in_use_before_loading_anything(tmp_path, capsys):
     from gmt_align.cli import main as cli_main
 
+    from gmt_align.cli.validate import validate_recipe
+
     holder = start_holder(tmp_path)
     try:
         status = cli_main(["sft", "--config", "recipes/quickstart/sft.yaml", "--output_dir", str(tmp_path),
                            "--model_name_or_path", "no/such-model-is-ever-loaded"])
+        report = validate_recipe("recipes/quickstart/sft.yaml", overrides={"output_dir": str(tmp_path)})
+        assert any(f"on this machine: output_dir {tmp_path} is in use by another run (pid {holder.pid}" in line
+                   for line in report.machine), report.machine
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
@@ -290,5 +296,34 @@ def test_a_live_zero2_run_holds_its_folder_and_stops_cleanly_on_sigterm(tiny_mod
                                       str(last + 1)))
     outputs = [rank.communicate(timeout=900) for rank in resumed]
     assert [rank.returncode for rank in resumed] == [0, 0], outputs[0][1][-3000:]
-    assert f"removed 1 temporary file(s) left by an interrupted save" in outputs[0][1] and not temporary.exists()
+    assert "removed 1 temporary file(s) left by an interrupted save" in outputs[0][1] and not temporary.exists()
     assert complete(out / f"checkpoint-{last + 1}") and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.multirank
+def test_a_zero2_checkpoint_resumed_in_one_process_without_deepspeed(zero2_reference, tiny_model, tmp_path):
+    """Refused in one line naming what would be lost; with the opt-in the run goes on, and the optimizer
+    has indeed started afresh (AdamW's step count 1 at global step 2)."""
+    import torch
+    from quickstart_runs import TWO_STEPS, recipe_argv
+
+    reference, _ = zero2_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference / "checkpoint-1", run / "checkpoint-1")
+    argv = recipe_argv("sft", run, *TWO_STEPS, *tiny_model, "--resume_from_checkpoint", "true", "--save_strategy",
+                       "steps", "--save_steps", "1")
+    refused = subprocess.run([sys.executable, *argv], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"gmt-align sft: error: {run / 'checkpoint-1'} holds its optimizer state as DeepSpeed ZeRO state on 2 processes, "
+        "which a run without DeepSpeed cannot load: the optimizer's moments and step count and the learning-rate "
+        "schedule would start afresh; resume with --deepspeed on 2 processes, or pass --gmt_resume_reset_optimizer "
+        "true to accept that")
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoint-1"]
+    accepted = subprocess.run([sys.executable, *argv, "--gmt_resume_reset_optimizer", "true"], cwd=ROOT,
+                              env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    steps = {float(state["step"]) for state in torch.load(run / "checkpoint-2" / "optimizer.pt")["state"].values()}
+    assert steps == {1.0}

@@ -95,7 +95,8 @@ class StopOnSigterm(TrainerCallback):
 
     def message(self) -> str:
         if self.final and not self.broken:
-            return f"{self.command}: stopped by SIGTERM after training ended, once the model was saved to {self.args.output_dir}"
+            return (f"{self.command}: stopped by SIGTERM after training ended, once the model was saved to "
+                    f"{self.args.output_dir}")
         where = "before training began" if self.step is None else f"after step {self.step}"
         after = (", and the save in progress broke off (another rank had stopped)" if self.broken else
                  ", after finishing the save in progress" if self.pending else "")

@@ -273,6 +273,9 @@ def _run_kind(args) -> str:
     return "torch"
 
 
+_LOST = "the optimizer's moments and step count and the learning-rate schedule would start afresh"
+
+
 def optimizer_state_problem(checkpoint: str, args, world_size: int | None = None) -> str | None:
     """One line if this run cannot restore what ``checkpoint`` holds (see the module docstring);
     ``world_size``: this run's number of processes (``None``: unknown, e.g. ``gmt-align validate``)."""
@@ -284,8 +287,8 @@ def optimizer_state_problem(checkpoint: str, args, world_size: int | None = None
             return (f"{checkpoint} was saved without DeepSpeed ({'no optimizer state' if kind == 'none' else kind}), "
                     f"and DeepSpeed resumes only from its own checkpoints: resume without --deepspeed, or {fresh}")
         if ranks and world_size and ranks != world_size:
-            return (f"{checkpoint} holds DeepSpeed ZeRO optimizer state partitioned over {ranks} processes and this run "
-                    f"has {world_size}; DeepSpeed cannot re-partition it: resume on {ranks} processes, or {fresh}")
+            return (f"{checkpoint} holds DeepSpeed ZeRO optimizer state partitioned over {ranks} processes and this "
+                    f"run has {world_size}; DeepSpeed cannot re-partition it: resume on {ranks} processes, or {fresh}")
         return None
     if kind == "deepspeed" and run == "torch":
         if not any((Path(checkpoint) / name).is_file() for name in _WEIGHTS):
@@ -294,13 +297,14 @@ def optimizer_state_problem(checkpoint: str, args, world_size: int | None = None
         if not args.gmt_resume_reset_optimizer:
             where = f" on {ranks} processes" if ranks else ""
             return (f"{checkpoint} holds its optimizer state as DeepSpeed ZeRO state{where}, which a run without "
-                    "DeepSpeed cannot load: the optimizer's moments and step count and the learning-rate schedule "
-                    f"would start afresh; resume with --deepspeed{where}, or pass --gmt_resume_reset_optimizer true to accept that")
+                    f"DeepSpeed cannot load: {_LOST}; resume with --deepspeed{where}, or pass "
+                    "--gmt_resume_reset_optimizer true to accept that")
     if kind == "fsdp" and run != "fsdp":
-        return f"{checkpoint} was saved under FSDP, which only FSDP can resume: launch with the same accelerate FSDP config"
+        return (f"{checkpoint} was saved under FSDP, which only FSDP can resume: launch with the same accelerate "
+                "FSDP config")
     if kind == "none" and run == "torch" and not args.gmt_resume_reset_optimizer:
-        return (f"{checkpoint} holds no optimizer state (saved with save_only_model?): the optimizer's moments and step "
-                "count and the learning-rate schedule would start afresh; pass --gmt_resume_reset_optimizer true to accept that")
+        return (f"{checkpoint} holds no optimizer state (saved with save_only_model?): {_LOST}; pass "
+                "--gmt_resume_reset_optimizer true to accept that")
     return None
 
 
