@@ -6,7 +6,8 @@ the other's checkpoints. So a run first takes ``OUTPUT_DIR/.gmt_run.lock`` with 
 (exclusive, without waiting) and keeps it open until the process ends; the second run is refused in
 one line naming the folder and the holder (pid, host, start time, written into the file), before any
 model loads. The kernel drops a flock when its holder dies, ``kill -9`` included, so a killed run never
-blocks the next one; the file itself stays (removing it would let two runs lock two different files).
+blocks the next one (a child it forked, such as a DataLoader worker, shares the lock until it exits too);
+the file itself stays (removing it would let two runs lock two different files).
 
 Of a run's processes only the first (global rank 0, the one that writes ``gmt_stats.jsonl``) takes the
 lock; every rank learns the outcome through one all-reduce and stops together. On a filesystem shared
