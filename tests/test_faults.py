@@ -153,11 +153,13 @@ def test_a_new_run_into_a_folder_holding_another_is_refused(quickstart_files, ch
 def test_overwrite_output_dir_removes_the_earlier_run_before_training(tokenizer, checkpointed, tmp_path):
     run = copy_run(checkpointed, tmp_path)
     (run / "gmt_stats.jsonl").write_text(json.dumps({"step": 1, "run": "earlier"}) + "\n")
+    assert (run / "README.md").is_file()  # TRL's model card, written with each checkpoint
     with pytest.raises(RunFolderError, match="already holds a run"):
         trainer(tokenizer, run).train()  # the Python API refuses it too
     fresh = trainer(tokenizer, run, max_steps=1, overwrite_output_dir=True)
-    fresh.train()
+    fresh.train()  # saves nothing: whatever is left in the folder is the earlier run's
     assert not (run / "checkpoint-2").exists() and not (run / "checkpoint-1").exists()
+    assert not (run / "README.md").exists()
     lines = (run / "gmt_stats.jsonl").read_text().splitlines() if (run / "gmt_stats.jsonl").exists() else []
     assert all(json.loads(line).get("run") != "earlier" for line in lines)
 

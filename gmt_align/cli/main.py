@@ -111,6 +111,7 @@ def _run(command: str, rest: list[str]) -> int:
     from gmt_align.backends import UnsupportedOptimizerError
     from gmt_align.core.selection import NonFiniteGradientError
     from gmt_align.training.config import GMTSettingError
+    from gmt_align.training.run_lock import release_run_folder
     from gmt_align.training.runs import RunFolderError
     from gmt_align.training.stats_file import TelemetryStateError
     from gmt_align.training.truncation import DataTruncationError
@@ -135,6 +136,8 @@ def _run(command: str, rest: list[str]) -> int:
     except NonFiniteGradientError as error:  # every rank stops here together; no weight was written
         print(f"gmt-align {command}: error: {error}", file=sys.stderr)
         return 1
+    finally:  # parse_recipe held output_dir for the run; a caller in the same process (a test) goes on
+        release_run_folder(parsed[1].output_dir)
     return 0
 
 

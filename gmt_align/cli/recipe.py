@@ -158,8 +158,8 @@ def override_value(method: str, key: str, value: str):
 
 def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     """Parse ``--config R.yaml`` plus overrides into (script, training, model) arguments, check them
-    (:func:`problems`, then what the machine lacks) and prepare ``output_dir``; ``RecipeError`` on the
-    first problem."""
+    (:func:`problems`, then what the machine lacks), hold ``output_dir`` for this process's life (or until
+    :func:`gmt_align.training.run_lock.release_run_folder`) and prepare it; ``RecipeError`` on the first problem."""
     import yaml
 
     argv = list(argv)
@@ -190,12 +190,18 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     found += [unwritable] if unwritable else []
     if found:
         raise RecipeError(found[0])
+    from gmt_align.training.run_lock import claim_run_folder, release_run_folder
     from gmt_align.training.runs import RunFolderError, prepare_run_folder
 
-    try:  # `true` becomes the newest complete checkpoint; a reused output_dir is refused
+    took = False
+    try:  # the folder held for this run's life; `true` becomes the newest complete checkpoint; a reused folder is refused
+        took = claim_run_folder(training_args)
         first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        training_args.resume_from_checkpoint = prepare_run_folder(training_args, first_on_node)
+        training_args.resume_from_checkpoint = prepare_run_folder(training_args, first_on_node,
+                                                                  world_size=training_args.world_size)
     except RunFolderError as error:
+        if took:
+            release_run_folder(training_args.output_dir)
         raise RecipeError(str(error)) from None
     return script_args, training_args, model_args
 

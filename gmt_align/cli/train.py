@@ -47,7 +47,15 @@ def ignore_bool_buffers(model) -> list[str]:
 
 
 def train(method: str, script_args, training_args, model_args):
-    """Load data and model, train with GMT, save model + tokenizer to ``output_dir``."""
+    """Load data and model, train with GMT, save model + tokenizer to ``output_dir``; on SIGTERM, stop with
+    one line naming the last complete checkpoint (:mod:`gmt_align.training.preemption`)."""
+    from gmt_align.training.preemption import StopOnSigterm
+
+    with StopOnSigterm(f"gmt-align {method}", training_args) as stop:  # one line, and no half-written save
+        return _train(method, script_args, training_args, model_args, stop)
+
+
+def _train(method, script_args, training_args, model_args, stop):
     import transformers
     from packaging.version import Version
 
@@ -82,8 +90,10 @@ def train(method: str, script_args, training_args, model_args):
     )
     if script_args.ignore_bias_buffers:
         ignore_bool_buffers(trainer.model)
+    trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    with stop.saving(final=True):
+        trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"gmt-align: model saved to {os.path.abspath(training_args.output_dir)}")
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()

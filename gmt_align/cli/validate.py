@@ -214,7 +214,8 @@ def validate_recipe(
     if error:  # what TRL or transformers refuse, after what the recipe names (their errors may follow from it)
         problem(error)
     if parsed:
-        report.machine += [f"{recipe_name}: on this machine: {message}" for message in _run_folder_notes(parsed[1])]
+        notes = _run_folder_notes(parsed[1], ds_source)
+        report.machine += [f"{recipe_name}: on this machine: {message}" for message in notes]
 
     if ds_source:
         report.deepspeed = ds_source if isinstance(ds_source, str) else f"{recipe_name} (inline deepspeed)"
@@ -230,11 +231,17 @@ def validate_recipe(
     return report
 
 
-def _run_folder_notes(training_args) -> list[str]:
-    """What the run would refuse given the folders as they are now (``output_dir`` already holding a
-    run, no complete checkpoint to resume from): a note, since they may change before it runs."""
+def _run_folder_notes(training_args, deepspeed=None) -> list[str]:
+    """What the run would refuse given the folders as they are now (``output_dir`` in use by a live run,
+    or already holding a run; no complete checkpoint to resume from, or one this run cannot load): a
+    note, since they may change before it runs. The launch's number of processes is not known here."""
+    from gmt_align.training.run_lock import in_use
     from gmt_align.training.runs import RunFolderError, prepare_run_folder
 
+    busy = in_use(training_args.output_dir)
+    if busy:
+        return [busy]
+    training_args.deepspeed = deepspeed  # parsed apart (_TRAINING_ONLY); decides which checkpoints it can resume
     try:
         prepare_run_folder(training_args, first_on_node=False)  # never removes anything
     except RunFolderError as error:

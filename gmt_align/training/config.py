@@ -47,9 +47,15 @@ Parameters (added to every field of the parent TRL config):
     gmt_resume_changed_settings (`bool`, defaults to `False`):
         Allow resuming from a checkpoint trained with other ``gmt_*`` settings (refused otherwise,
         naming the differences); the telemetry (churn, coverage) then starts afresh.
+    gmt_resume_reset_optimizer (`bool`, defaults to `False`):
+        Allow resuming from a checkpoint whose optimizer state this run cannot load (a DeepSpeed
+        checkpoint without ``--deepspeed``, or one saved without optimizer state): the optimizer's
+        moments and step count and the learning-rate schedule then start afresh (refused otherwise,
+        naming what would be lost).
     overwrite_output_dir (`bool`, defaults to `False`):
-        Allow a new run in an ``output_dir`` that holds an earlier run; its checkpoints and
-        ``gmt_stats.jsonl`` are removed first. Without it such a run is refused.
+        Allow a new run in an ``output_dir`` that holds an earlier run; everything that run wrote
+        there (checkpoints, ``gmt_stats.jsonl``, model, tokenizer, model card, logs, figures) is
+        removed first. Without it such a run is refused.
 
 > GMT telemetry
 
@@ -152,10 +158,17 @@ class GMTArguments:
         metadata={"help": "Resume from a checkpoint trained with other gmt_* settings (refused otherwise); "
                   "GMT's telemetry then starts afresh."},
     )
+    gmt_resume_reset_optimizer: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint whose optimizer state this run cannot load (DeepSpeed state "
+                  "without --deepspeed, or none saved); the optimizer and learning-rate schedule then start "
+                  "afresh (refused otherwise)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that holds an earlier one: its checkpoints and "
-                  "gmt_stats.jsonl are removed first (refused otherwise)."},
+        metadata={"help": "Start a new run in an output_dir that holds an earlier one: everything that run wrote "
+                  "there (checkpoints, gmt_stats.jsonl, model, tokenizer, README.md, logs) is removed first "
+                  "(refused otherwise)."},
     )
 
     def validate_gmt(self) -> None:
@@ -179,7 +192,8 @@ class GMTArguments:
                 raise ValueError(f"gmt_exclude has an invalid regex {pattern!r}: {error}") from None
         if self.gmt_seed is not None and (isinstance(self.gmt_seed, bool) or not isinstance(self.gmt_seed, int)):
             raise ValueError(f"gmt_seed must be an integer or null, got {self.gmt_seed!r}")
-        for key in ("gmt_telemetry", "gmt_resume_changed_settings", "overwrite_output_dir"):
+        for key in ("gmt_telemetry", "gmt_resume_changed_settings", "gmt_resume_reset_optimizer",
+                    "overwrite_output_dir"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
 

@@ -38,6 +38,7 @@ from gmt_align.core.selection import NonFiniteGradientError
 from .config import GMTArguments, GMTSettingError, caller_module, exclude_problems, mask_options
 from .figures import is_group_key
 from .log_routing import route_figures
+from .run_lock import claim_run_folder, release_run_folder
 from .runs import GMTRunRecord, check_resume_settings, prepare_run_folder
 from .stats_file import STATS_FILE, TelemetryStateError, append_record, continue_run, read_run_id, write_run_id
 from .telemetry import MaskTelemetry, read_state
@@ -202,16 +203,23 @@ class GMTTrainerMixin:
         return getattr(self, "reward_funcs", None) is not None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """As the Trainer's, after :func:`gmt_align.training.runs.prepare_run_folder`: ``True`` means the newest
-        complete checkpoint, other ``gmt_*`` settings are refused, a folder holding another run too."""
+        """As the Trainer's, holding ``output_dir`` (:mod:`gmt_align.training.run_lock`) after
+        :func:`gmt_align.training.runs.prepare_run_folder`: ``True`` means the newest complete checkpoint;
+        other ``gmt_*`` settings, optimizer state the run cannot load, a folder holding another run are refused."""
         self.args.resume_from_checkpoint = resume_from_checkpoint
-        resume_from_checkpoint = prepare_run_folder(self.args, first_on_node=self.args.local_process_index == 0)
-        self._gmt_resume = resume_from_checkpoint
-        # Coverage continues only under the settings it was gathered with (a change got this far only
-        # with gmt_resume_changed_settings); the run, and its gmt_stats.jsonl, go on either way.
-        self._gmt_restart_telemetry = bool(resume_from_checkpoint and check_resume_settings(resume_from_checkpoint,
-                                                                                            self.args))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        took = claim_run_folder(self.args)  # held already when gmt-align sft|dpo parsed the recipe
+        try:
+            resume_from_checkpoint = prepare_run_folder(self.args, first_on_node=self.args.local_process_index == 0,
+                                                        world_size=self.args.world_size)
+            self._gmt_resume = resume_from_checkpoint
+            # Coverage continues only under the settings it was gathered with (a change got this far only
+            # with gmt_resume_changed_settings); the run, and its gmt_stats.jsonl, go on either way.
+            self._gmt_restart_telemetry = bool(resume_from_checkpoint and check_resume_settings(resume_from_checkpoint,
+                                                                                                self.args))
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if took:
+                release_run_folder(self.args.output_dir)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs also carry the ``gmt/...`` figures; the per-group ones (``gmt/FIGURE/GROUP``)
