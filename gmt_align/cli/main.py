@@ -95,6 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = COMMANDS[command][1]
     if module is not None:
         return import_module(module, __package__).main(rest)
+    from .common import RecipeError
+    from .launch import split_launch_options
+
+    try:  # --accelerate_config / --num_processes: start this command again under accelerate launch
+        launch_options, rest = split_launch_options(rest)
+    except RecipeError as error:
+        print(f"gmt-align {command}: error: {error}", file=sys.stderr)
+        return 2
+    if launch_options:
+        return _launch(command, launch_options, rest)
     # No launcher: DeepSpeed would look for MPI; run as one rank instead. Taken back on return, so
     # that a caller in the same process (a test) does not hand these variables to its children.
     added = single_process_environment() if _asks_for_deepspeed(rest) else {}
@@ -104,6 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def _launch(command: str, options: dict[str, str], rest: list[str]) -> int:
+    from .launch import launch
+
+    try:
+        return launch(command, options, rest)
+    except RecipeError as error:
+        print(f"gmt-align {command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _run(command: str, rest: list[str]) -> int:

@@ -136,10 +136,10 @@ def override_value(method: str, key: str, value: str):
     return getattr(namespace, key)
 
 
-def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
+def parse_recipe(method: str, argv: Sequence[str], prepare_run_folder: bool = True) -> tuple:
     """Parse ``--config R.yaml`` plus overrides into (script, training, model) arguments, check them
-    (:func:`problems`, then what the machine lacks) and prepare ``output_dir``; ``RecipeError`` on the
-    first problem."""
+    (:func:`problems`, then what the machine lacks) and prepare ``output_dir`` (with ``prepare_run_folder``
+    false: only check it, as a process that launches the ranks does); ``RecipeError`` on the first problem."""
     import yaml
 
     argv = list(argv)
@@ -163,12 +163,14 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     found += machine_problems(training_args, model_args)
     if found:
         raise RecipeError(found[0])
-    from gmt_align.training.runs import RunFolderError, prepare_run_folder
+    from gmt_align.training import runs
 
     try:  # `true` becomes the newest complete checkpoint; a reused output_dir is refused
-        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        training_args.resume_from_checkpoint = prepare_run_folder(training_args, first_on_node)
-    except RunFolderError as error:
+        first_on_node = prepare_run_folder and int(os.environ.get("LOCAL_RANK", "0")) == 0
+        resume = runs.prepare_run_folder(training_args, first_on_node)
+        if prepare_run_folder:
+            training_args.resume_from_checkpoint = resume
+    except runs.RunFolderError as error:
         raise RecipeError(str(error)) from None
     return script_args, training_args, model_args
 
