@@ -107,7 +107,17 @@ def launch(command: str, options: dict[str, str], rest: Sequence[str],
     from .recipe import parse_recipe
 
     arguments = launch_arguments(command, options, rest)
-    parse_recipe(command, rest, prepare_run_folder=False)  # RecipeError: one line, before any process starts
+    launched = _launched_environment(arguments[arguments.index("--config_file") + 1]) if "--config_file" in arguments else {}
+    saved = {name: os.environ.get(name) for name in launched}
+    os.environ.update(launched)
+    try:  # RecipeError: one line, before any process starts (checked as the launched processes will see it)
+        parse_recipe(command, rest, prepare_run_folder=False)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     parser = launch_command_parser()
     parser.error = _raise_recipe_error  # one line rather than accelerate's usage
     accelerate_args = parser.parse_args(arguments)
@@ -116,11 +126,29 @@ def launch(command: str, options: dict[str, str], rest: Sequence[str],
     try:
         (launch_command_fn or launch_command)(accelerate_args)
     except Exception as error:  # noqa: BLE001 - a process failed: its own output says why, above
-        code = getattr(error, "returncode", None) or getattr(error, "exitcode", None) or 1
-        print(f"gmt-align {command}: error: a launched process failed ({type(error).__name__}); its output is above",
+        # subprocess.CalledProcessError (one process), torch's ChildFailedError (several)
+        codes = [getattr(error, "returncode", None)] + [getattr(failure, "exitcode", None)
+                                                       for failure in getattr(error, "failures", {}).values()]
+        code = max([c for c in codes if isinstance(c, int) and c > 0], default=1)
+        print(f"gmt-align {command}: error: a launched process failed (exit status {code}); its output is above",
               file=sys.stderr)
-        return code if isinstance(code, int) and code > 0 else 1
+        return code
     return 0
+
+
+def _launched_environment(config_file: str) -> dict[str, str]:
+    """What ``accelerate launch`` exports from an FSDP config that the recipe's checks read
+    (:func:`gmt_align.backends.fsdp2.fsdp_problems`: FSDP1, FSDP next to a DeepSpeed recipe)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(config_file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"--accelerate_config {config_file}: cannot be read ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict) or config.get("distributed_type") != "FSDP":
+        return {}
+    version = (config.get("fsdp_config") or {}).get("fsdp_version", 1)
+    return {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(version)}
 
 
 def _raise_recipe_error(message: str):

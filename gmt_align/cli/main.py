@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _launch(command: str, options: dict[str, str], rest: list[str]) -> int:
+    from .common import RecipeError
     from .launch import launch
 
     try:
