@@ -157,6 +157,10 @@ def parse_recipe(method: str, argv: Sequence[str], prepare_run_folder: bool = Tr
     if unknown or from_line:
         raise RecipeError("; ".join(unknown) or f"unexpected argument {from_line[0]!r}")
 
+    on_line = {item.split("=", 1)[0] for item in argv}
+    if "--dataset_name" in on_line and "--datasets" not in on_line:
+        script_args.datasets = []  # a file on the command line replaces the recipe's mixture (as any override)
+
     from .environment import machine_problems
 
     found = problems(script_args, training_args, model_args, explicit=_explicit_keys(argv))

@@ -185,6 +185,8 @@ def validate_recipe(
         return report
     overrides = {**(overrides or {}), **({"deepspeed": deepspeed} if deepspeed is not None else {})}
     report.method = method = method or infer_method({**recipe, **overrides}, path)
+    if "dataset_name" in overrides and "datasets" not in overrides:
+        recipe.pop("datasets", None)  # as gmt-align sft|dpo: the command line's file replaces the recipe's mixture
     for message in _apply_overrides(recipe, overrides, method):
         problem(message)
 
