@@ -6,7 +6,8 @@ a package (``peft`` for ``use_peft``; ``bitsandbytes`` for ``load_in_4bit``/``lo
 does ``bf16``, TRL's default, unless ``use_cpu``), and a stale lock left in torch's extension folder
 by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
 installed torch, DeepSpeed or transformers without an internal that gmt_align reads
-(:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe before loading
+(:mod:`gmt_align.cli.contracts`), and ``push_to_hub`` where the Hub cannot be reached or no token is
+set (:func:`gmt_align.cli.option_checks.hub_problems`). ``gmt-align sft|dpo`` refuses such a recipe before loading
 anything; ``gmt-align validate`` notes them (recipes are often checked on a login node for GPU
 nodes; ``--here`` makes them problems). :func:`model_option_problems` are the
 combinations that fail on any machine.
@@ -29,6 +30,7 @@ from gmt_align.training.machine import bf16_problem, cuda_available, installed
 
 from .contracts import missing_internals
 from .common import option_value
+from .option_checks import hub_problems
 
 __all__ = ["kernel_plan", "machine_problems", "main", "model_option_problems"]
 
@@ -64,7 +66,7 @@ def machine_problems(training_args, model_args) -> list[str]:
                         option_value(training_args, "use_cpu"))
     if bf16:
         problems.append(bf16)
-    return problems + stale_lock_problems() + missing_internals()
+    return problems + hub_problems(training_args) + stale_lock_problems() + missing_internals()
 
 
 def model_option_problems(model_args) -> list[str]:

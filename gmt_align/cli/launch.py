@@ -111,7 +111,7 @@ def launch(command: str, options: dict[str, str], rest: Sequence[str],
     saved = {name: os.environ.get(name) for name in launched}
     os.environ.update(launched)
     try:  # RecipeError: one line, before any process starts (checked as the launched processes will see it)
-        parse_recipe(command, rest, prepare_run_folder=False)
+        parse_recipe(command, rest, launching=True)
     finally:
         for name, value in saved.items():
             if value is None:

@@ -118,9 +118,13 @@ def fields(method: str) -> frozenset[str]:
 
 def unknown_key(key: str, method: str) -> str:
     """One line for a key ``method`` does not take: the other method's field, or the closest known one."""
+    from .option_checks import RENAMED
+
     other = "dpo" if method == "sft" else "sft"
     if key in fields(other):
         return f"{key} is a {other.upper()} field, not an {method.upper()} one"
+    if RENAMED.get(key) in fields(method):
+        return f"unknown key {key!r} (TRL and transformers renamed it {RENAMED[key]!r})"
     close = difflib.get_close_matches(key, sorted(fields(method)), n=1, cutoff=0.8)
     return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
@@ -136,10 +140,11 @@ def override_value(method: str, key: str, value: str):
     return getattr(namespace, key)
 
 
-def parse_recipe(method: str, argv: Sequence[str], prepare_run_folder: bool = True) -> tuple:
+def parse_recipe(method: str, argv: Sequence[str], launching: bool = False) -> tuple:
     """Parse ``--config R.yaml`` plus overrides into (script, training, model) arguments, check them
-    (:func:`problems`, then what the machine lacks) and prepare ``output_dir`` (with ``prepare_run_folder``
-    false: only check it, as a process that launches the ranks does); ``RecipeError`` on the first problem."""
+    (:func:`problems`, then what the machine lacks, then what one process cannot do) and prepare
+    ``output_dir``; ``RecipeError`` on the first problem. ``launching``: this process only starts the ranks
+    (``--accelerate_config``), so ``output_dir`` is checked, not prepared, and it is not the run's one process."""
     import yaml
 
     argv = list(argv)
@@ -162,17 +167,20 @@ def parse_recipe(method: str, argv: Sequence[str], prepare_run_folder: bool = Tr
         script_args.datasets = []  # a file on the command line replaces the recipe's mixture (as any override)
 
     from .environment import machine_problems
+    from .option_checks import one_process_problems
 
     found = problems(script_args, training_args, model_args, explicit=_explicit_keys(argv))
     found += machine_problems(training_args, model_args)
+    if not launching:
+        found += one_process_problems(training_args)
     if found:
         raise RecipeError(found[0])
     from gmt_align.training import runs
 
     try:  # `true` becomes the newest complete checkpoint; a reused output_dir is refused
-        first_on_node = prepare_run_folder and int(os.environ.get("LOCAL_RANK", "0")) == 0
+        first_on_node = not launching and int(os.environ.get("LOCAL_RANK", "0")) == 0
         resume = runs.prepare_run_folder(training_args, first_on_node)
-        if prepare_run_folder:
+        if not launching:
             training_args.resume_from_checkpoint = resume
     except runs.RunFolderError as error:
         raise RecipeError(str(error)) from None
@@ -196,8 +204,11 @@ def problems(script_args, training_args, model_args, explicit: Iterable[str] = (
     keys the recipe sets itself, which a JSON ``optimizer``/``scheduler`` block would override)."""
     from gmt_align.backends.fsdp2 import fsdp_problems
 
+    from .option_checks import template_problems
+
     found = source_problems(script_args, training_args, model_args) + fsdp_problems(training_args)
     found += exclude_problems_before_loading(training_args, model_args)
+    found += template_problems(training_args, model_args)
     if training_args.deepspeed:
         from .deepspeed_checks import deepspeed_problems, load_deepspeed_config
 
