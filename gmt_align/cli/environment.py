@@ -30,7 +30,7 @@ from gmt_align.training.machine import bf16_problem, cuda_available, installed
 
 from .contracts import missing_internals
 from .common import option_value
-from .option_checks import hub_problems
+from .option_checks import hub_problems, package_problems
 
 __all__ = ["kernel_plan", "machine_problems", "main", "model_option_problems"]
 
@@ -66,7 +66,8 @@ def machine_problems(training_args, model_args) -> list[str]:
                         option_value(training_args, "use_cpu"))
     if bf16:
         problems.append(bf16)
-    return problems + hub_problems(training_args) + stale_lock_problems() + missing_internals()
+    problems += hub_problems(training_args) + package_problems(training_args, model_args)
+    return problems + stale_lock_problems() + missing_internals()
 
 
 def model_option_problems(model_args) -> list[str]:

@@ -204,11 +204,11 @@ def problems(script_args, training_args, model_args, explicit: Iterable[str] = (
     keys the recipe sets itself, which a JSON ``optimizer``/``scheduler`` block would override)."""
     from gmt_align.backends.fsdp2 import fsdp_problems
 
-    from .option_checks import template_problems
+    from .option_checks import lora_target_problems, sft_option_problems, template_problems
 
     found = source_problems(script_args, training_args, model_args) + fsdp_problems(training_args)
-    found += exclude_problems_before_loading(training_args, model_args)
-    found += template_problems(training_args, model_args)
+    found += exclude_problems_before_loading(training_args, model_args) + sft_option_problems(training_args)
+    found += template_problems(training_args, model_args) + lora_target_problems(training_args, model_args)
     if training_args.deepspeed:
         from .deepspeed_checks import deepspeed_problems, load_deepspeed_config
 
