@@ -73,6 +73,7 @@ def errors(capsys, argv):
     ("--padding_free true", None, "padding_free without packing does not enforce max_length, which TRL refuses"),
     ("--use_peft true --lora_target_modules nope q_proj", None, "lora_target_modules nope: no module of the model is "
      "named so (its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"),
+    ("--eval_on_start true", None, "eval_on_start evaluates before the first step, but eval_strategy is 'no'"),
     ("--max_seq_length 64", None, "unknown key 'max_seq_length' (TRL and transformers renamed it 'max_length')"),
 ])
 def test_more_options_that_failed_after_loading_are_one_line(capsys, quickstart, tmp_path, option, absent, needle):
