@@ -151,3 +151,13 @@ def test_named_accelerate_configs_train_on_two_ranks(tiny_model, tmp_path, name)
     else:  # one ZeRO optimizer shard per rank
         assert len(list((checkpoint / "global_step1").glob("*optim_states.pt"))) == 2
     assert_unchanged_fraction_is_the_ratio(saved_weights(tiny_model[1]), saved_weights(tmp_path), 0.3)
+
+
+def test_validate_checks_the_launch_options_as_the_command_does(capsys):
+    recipe = "recipes/quickstart/sft.yaml"  # a hub id: the quickstart model need not be made
+    assert main(["validate", recipe, "--model_name_or_path", "org/model", "--accelerate_config", "zero3",
+                 "--num_processes", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"OK {recipe} (sft)")
+    assert main(["validate", recipe, "--accelerate_config", "zero9"]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (f"{recipe}: --accelerate_config: zero9 is neither a file nor "
+                                                       "a named config (fsdp2, multi_gpu, zero2, zero3)")

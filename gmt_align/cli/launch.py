@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .common import RecipeError
 
-__all__ = ["LAUNCH_OPTIONS", "launch", "launch_arguments", "named_configs", "split_launch_options"]
+__all__ = ["LAUNCH_OPTIONS", "launch", "launch_arguments", "launch_option_problems", "named_configs", "split_launch_options"]
 
 LAUNCH_OPTIONS = ("accelerate_config", "num_processes")
 
@@ -96,6 +96,15 @@ def launch_arguments(command: str, options: dict[str, str], rest: Sequence[str])
             raise RecipeError(f"--num_processes must be a whole number of processes (1 or more), got {number!r}")
         arguments += ["--num_processes", number]
     return [*arguments, "--module", "gmt_align.cli", command, *rest]
+
+
+def launch_option_problems(options: dict[str, str]) -> list[str]:
+    """What is wrong with ``options`` (``gmt-align validate`` takes them as the training command does)."""
+    try:
+        launch_arguments("sft", options, [])
+    except RecipeError as error:
+        return [str(error)]
+    return []
 
 
 def launch(command: str, options: dict[str, str], rest: Sequence[str],

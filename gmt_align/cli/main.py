@@ -8,7 +8,9 @@ without training and lists every problem (exit status 1 if any; see :mod:`gmt_al
 ``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy)
 on a held-out split (see :mod:`gmt_align.cli.evaluate`). ``gmt-align env`` prints versions, GPU and
 kernels for a bug report (see :mod:`gmt_align.cli.environment`); ``gmt-align --version`` the version.
-The subcommands are argparse subparsers; each parses the rest of its line itself.
+The subcommands are argparse subparsers; each parses the rest of its line itself. A training command
+given ``--accelerate_config NAME|PATH`` or ``--num_processes N`` starts itself again under ``accelerate
+launch``, as ``trl sft`` does (see :mod:`gmt_align.cli.launch`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ COMMANDS = {
 }
 EPILOG = """examples:
   gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
+  gmt-align sft --config recipes/quickstart/sft.yaml --accelerate_config zero2 --num_processes 2
   gmt-align validate recipes/quickstart/sft.yaml
   gmt-align report outputs/quickstart-sft
   gmt-align eval --model outputs/quickstart-sft --task basic_arithmetic

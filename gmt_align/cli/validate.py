@@ -2,8 +2,9 @@
 
 Reads a recipe and its DeepSpeed config as ``gmt-align sft|dpo`` would, loads neither model nor
 data, and reports every problem at once, one per line, each prefixed with the file it comes from.
-Overrides (``--deepspeed ds_configs/zero3.json``, ``--max_steps 3``) are read as ``gmt-align sft|dpo``
-reads them, so a launch command can be checked as it will run. Exit status: 0 (one ``OK`` line per
+Overrides (``--deepspeed ds_configs/zero3.json``, ``--max_steps 3``, and ``--accelerate_config`` /
+``--num_processes``) are read as ``gmt-align sft|dpo`` reads them, so a launch command can be checked as
+it will run. Exit status: 0 (one ``OK`` line per
 recipe), 1 (problems found), 2 (bad usage of the command).
 
 What counts as a problem (each would otherwise stop or silently change a run, often after the
@@ -248,8 +249,15 @@ def main(argv: Sequence[str]) -> int:
     # DeepSpeed is imported for its config schema only; without this it probes for an accelerator
     # and prints a warning on a machine that has none (a login node).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .common import RecipeError
+    from .launch import launch_option_problems, split_launch_options
+
     recipes, method, overrides, here = [], None, {}, False
-    argv = list(argv)
+    try:  # --accelerate_config / --num_processes: checked as the training command checks them
+        launch_options, argv = split_launch_options(argv)
+    except RecipeError as error:
+        print(f"gmt-align validate: error: {error}", file=sys.stderr)
+        return 2
     while argv:
         arg = argv.pop(0)
         if arg in ("-h", "--help"):
@@ -277,6 +285,7 @@ def main(argv: Sequence[str]) -> int:
     status = 0
     for recipe in recipes:
         report = validate_recipe(recipe, method=method, overrides=overrides)
+        report.problems += [f"{recipe}: {message}" for message in launch_option_problems(launch_options)]
         print("\n".join(report.lines(here)))
         status = max(status, 1 if report.problems or (here and report.machine) else 0)
     return status
