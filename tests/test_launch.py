@@ -154,8 +154,9 @@ def test_named_accelerate_configs_train_on_two_ranks(tiny_model, tmp_path, name)
 
 
 def test_validate_checks_the_launch_options_as_the_command_does(capsys):
-    recipe = "recipes/quickstart/sft.yaml"  # a hub id: the quickstart model need not be made
-    assert main(["validate", recipe, "--model_name_or_path", "org/model", "--accelerate_config", "zero3",
+    recipe = "recipes/quickstart/sft.yaml"  # hub ids: the quickstart model and data need not be made
+    assert main(["validate", recipe, "--model_name_or_path", "org/model", "--dataset_name", "org/data",
+                 "--accelerate_config", "zero3",
                  "--num_processes", "2"]) == 0
     assert capsys.readouterr().out.startswith(f"OK {recipe} (sft)")
     assert main(["validate", recipe, "--accelerate_config", "zero9"]) == 1

@@ -119,7 +119,11 @@ def test_a_dataset_name_on_the_command_line_replaces_the_recipes_mixture(tmp_pat
 
     data = tmp_path / "mine.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n')
-    recipe = str(ROOT / "recipes" / "quickstart" / "sft.yaml")
+    fields = yaml.safe_load((ROOT / "recipes" / "quickstart" / "sft.yaml").read_text())
+    fields["datasets"][0]["data_files"] = str(tmp_path / "sft_train.jsonl")  # the quickstart's, made here
+    (tmp_path / "sft_train.jsonl").write_text(data.read_text())
+    recipe = str(tmp_path / "sft.yaml")
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(fields))
     overrides = ["--model_name_or_path", "gmt-align-tests/no-such-model", "--output_dir", str(tmp_path / "out")]
     script_args, _, _ = parse_recipe("sft", ["--config", recipe, *overrides, "--dataset_name", str(data)])
     assert script_args.dataset_name == str(data) and script_args.datasets == []
