@@ -149,3 +149,17 @@ def test_a_cpu_run_states_its_thread_count_and_uses_it(capsys, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert capsys.readouterr().err == "gmt-align: CPU threads: 1 (OMP_NUM_THREADS; set OMP_NUM_THREADS to change)\n"
+
+
+@pytest.mark.benchmark
+def test_the_thread_benchmark_prints_a_row_per_setting(tiny_model):
+    """benchmarks/cpu_threads.py, small: fresh workers at once, one row per (processes, threads)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "benchmarks/cpu_threads.py", "--model", tiny_model[1], "--threads", "1",
+                             "2", "--processes", "1", "2", "--repeats", "1", "--steps", "1", "--length", "16"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split()[:2] for line in result.stdout.splitlines()[2:]]
+    assert rows == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]], result.stdout
