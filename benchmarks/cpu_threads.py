@@ -51,12 +51,13 @@ def measure(args, processes: int, threads: int) -> list[float]:
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, __file__, "--worker", "--model", args.model, "--steps", str(args.steps),
                "--batch", str(args.batch), "--length", str(args.length)]
-    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(processes)]
     rates = []
     for run in runs:
-        out, _ = run.communicate()
+        out, err = run.communicate()
         if run.returncode != 0:
-            raise SystemExit(f"worker failed (status {run.returncode})")
+            raise SystemExit(f"worker failed (status {run.returncode}):\n{err[-2000:]}")
         rates.append(float(out.strip().splitlines()[-1]))
     return rates
 
