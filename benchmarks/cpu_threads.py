@@ -1,7 +1,7 @@
 """Training steps per second on the CPU for torch thread counts: which count should ``gmt-align sft`` use?
 
 ```bash
-python benchmarks/cpu_threads.py --model .cache/quickstart/SmolLM2-135M-Instruct --threads 1 2 --processes 1 2 --repeats 3
+python benchmarks/cpu_threads.py --model .cache/quickstart/SmolLM2-135M-Instruct --threads 1 2 --processes 1 2 --repeats 2
 ```
 
 Each measurement starts ``processes`` fresh worker processes at once (several ranks, or other jobs, on one
@@ -68,9 +68,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--processes", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -84,11 +84,15 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"model {Path(args.model).name}, batch {args.batch} x {args.length} tokens, {args.steps} timed steps; "
           f"{cores} cores ({psutil.cpu_count(logical=False)} physical), load average {os.getloadavg()[0]:.2f}")
-    print("processes  threads  steps/s per process: median (min-max), runs")
     results = {(p, t): [] for p in args.processes for t in args.threads}
-    for _ in range(args.repeats):  # interleaved, so that a change in the machine's load touches every setting
+    for repeat in range(args.repeats):  # interleaved, so that a change in the machine's load touches every setting
         for key in results:
-            results[key] += measure(args, *key)
+            rates = measure(args, *key)
+            results[key] += rates
+            print(f"# repeat {repeat + 1}: {key[0]} processes x {key[1]} threads: "
+                  f"{', '.join(f'{rate:.3f}' for rate in rates)} steps/s (load average {os.getloadavg()[0]:.2f})",
+                  flush=True)
+    print("processes  threads  steps/s per process: median (min-max), runs")
     for (processes, threads), rates in results.items():
         print(f"{processes:9d}  {threads:7d}  {statistics.median(rates):.3f} ({min(rates):.3f}-{max(rates):.3f}), "
               f"{len(rates)}")

@@ -161,5 +161,6 @@ def test_the_thread_benchmark_prints_a_row_per_setting(tiny_model):
                              "2", "--processes", "1", "2", "--repeats", "1", "--steps", "1", "--length", "16"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split()[:2] for line in result.stdout.splitlines()[2:]]
+    table = result.stdout.split("processes  threads", 1)[1].splitlines()[1:]
+    rows = [line.split()[:2] for line in table]
     assert rows == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]], result.stdout
