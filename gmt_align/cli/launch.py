@@ -79,9 +79,6 @@ def _config_arguments(value: str) -> list[str]:
 
 def launch_arguments(command: str, options: dict[str, str], rest: Sequence[str]) -> list[str]:
     """What ``accelerate launch`` is given for ``gmt-align COMMAND`` with ``options`` (see the module docstring)."""
-    if "WORLD_SIZE" in os.environ:
-        raise RecipeError(f"--{' / --'.join(options)} start accelerate launch, and this process is already one of "
-                          f"{os.environ['WORLD_SIZE']} started by a launcher: drop them")
     arguments = []
     if "accelerate_config" in options:
         arguments += _config_arguments(options["accelerate_config"])
@@ -100,6 +97,8 @@ def launch_arguments(command: str, options: dict[str, str], rest: Sequence[str])
 
 def launch_option_problems(options: dict[str, str]) -> list[str]:
     """What is wrong with ``options`` (``gmt-align validate`` takes them as the training command does)."""
+    if not options:
+        return []
     try:
         launch_arguments("sft", options, [])
     except RecipeError as error:
@@ -115,6 +114,9 @@ def launch(command: str, options: dict[str, str], rest: Sequence[str],
 
     from .recipe import parse_recipe
 
+    if "WORLD_SIZE" in os.environ:
+        raise RecipeError(f"--{' / --'.join(options)} start accelerate launch, and this process is already one of "
+                          f"{os.environ['WORLD_SIZE']} started by a launcher: drop them")
     arguments = launch_arguments(command, options, rest)
     launched = _launched_environment(arguments[arguments.index("--config_file") + 1]) if "--config_file" in arguments else {}
     saved = {name: os.environ.get(name) for name in launched}
