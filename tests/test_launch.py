@@ -162,3 +162,10 @@ def test_validate_checks_the_launch_options_as_the_command_does(capsys):
     assert main(["validate", recipe, "--accelerate_config", "zero9"]) == 1
     assert capsys.readouterr().out.splitlines()[0] == (f"{recipe}: --accelerate_config: zero9 is neither a file nor "
                                                        "a named config (fsdp2, multi_gpu, zero2, zero3)")
+
+
+def test_the_commands_help_names_the_launch_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--help"])
+    assert exit_.value.code == 0
+    assert "--accelerate_config NAME|PATH" in capsys.readouterr().out

@@ -106,7 +106,9 @@ def make_parser(method: str) -> TrlParser:
     """TRL's parser for (script, training, model) arguments. A field must be named in full: argparse
     would otherwise take ``--max_step`` for ``--max_steps`` (and a typo for whichever field it begins)."""
     return _Parser((GMTScriptArguments, config_class(method), ModelConfig), prog=f"gmt-align {method}",
-                   allow_abbrev=False)
+                   allow_abbrev=False, epilog="launch options, as trl takes them: --accelerate_config NAME|PATH "
+                   "(zero2, zero3, fsdp2, multi_gpu, or an accelerate config file) and --num_processes N start this "
+                   "command again under accelerate launch (gmt_align.cli.launch)")
 
 
 @functools.cache
