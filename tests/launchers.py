@@ -107,14 +107,24 @@ LAUNCHERS = {
         'sbatch --nodes 2 recipes/launch.slurm dpo recipes/dpo/llama-2-7b/gmt.yaml fsdp2 --deepspeed ""',
         "tests/test_fsdp2_trainer.py::test_paper_dpo_recipe_under_fsdp2_on_two_nodes_through_launch_slurm",
         use_cpu=False),
+    "gmt_align_zero2": Launcher(
+        "gmt-align sft --config recipes/quickstart/sft.yaml --accelerate_config zero2 --num_processes 2",
+        "tests/test_launch.py::test_named_accelerate_configs_train_on_two_ranks"),
+    "gmt_align_zero3": Launcher(
+        "gmt-align sft --config recipes/quickstart/sft.yaml --accelerate_config zero3 --num_processes 2",
+        "tests/test_launch.py::test_named_accelerate_configs_train_on_two_ranks"),
+    "gmt_align_fsdp2": Launcher(
+        "gmt-align sft --config recipes/quickstart/sft.yaml --accelerate_config fsdp2 --num_processes 2",
+        "tests/test_launch.py::test_named_accelerate_configs_train_on_two_ranks", use_cpu=False),
     "sbatch": Launcher(
         "sbatch --nodes 2 recipes/launch.slurm sft recipes/quickstart/sft.yaml zero2",
         "tests/test_multinode.py::test_launch_slurm_on_two_nodes_saves_what_one_node_saves"),
 }
 
-# A launcher at the start of a line, after any VAR=value assignments; or DeepSpeed without a launcher.
+# A launcher at the start of a line, after any VAR=value assignments; DeepSpeed without a launcher; or
+# a training command of gmt-align starting accelerate launch itself (--accelerate_config, --num_processes).
 LAUNCHER_LINE = re.compile(r"^(?:\w+=\S*\s+)*(?:deepspeed|accelerate\s+launch|torchrun|sbatch)\s"
-                           r"|^gmt-align\s+(?:sft|dpo|grpo)\s.*\s--deepspeed\s")
+                           r"|^gmt-align\s+(?!validate\s|eval\s|report\s|env\s)\w+\s.*\s--(?:deepspeed|accelerate_config|num_processes)[\s=]")
 
 
 def tokens(line: str) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 """``gmt-align --version``, ``gmt-align env``, the line before the C++ kernels build, a killed build's lock,
-and the README's installation commands and default ratio."""
+the README's installation commands and default ratio, and the CPU thread count a run states."""
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from gmt_align.cli import main
@@ -114,3 +115,52 @@ def test_the_default_ratio_is_stated_as_it_is():
                                                                                path.read_text())}
     assert len(stated) >= 3 and {value for _, value in stated} == {str(default)}, stated
     assert "0.2 is gmt-align's default" not in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("environ,cores,load,expected", [
+    ({"OMP_NUM_THREADS": "3"}, 16, 0.0, (3, "OMP_NUM_THREADS")),  # a launcher's (or the user's) choice
+    ({}, 16, 0.2, (15, "16 cores, load average 0.2")),  # an idle machine: its cores
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 0.0, (4, "16 cores, load average 0.0, 4 processes")),  # shared by the node's ranks
+    ({}, 2, 10.0, (1, "2 cores, load average 10.0")),  # a busy machine: one thread, as accelerate gives
+    ({}, 2, 0.9, (1, "2 cores, load average 0.9")),
+])
+def test_cpu_threads_leave_the_busy_cores_alone(monkeypatch, environ, cores, load, expected):
+    import os
+
+    from gmt_align.training.machine import cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert cpu_threads(environ) == expected
+
+
+def test_a_cpu_run_states_its_thread_count_and_uses_it(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from gmt_align.cli.train import use_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    try:
+        assert use_cpu_threads(SimpleNamespace(use_cpu=True)) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert capsys.readouterr().err == "gmt-align: CPU threads: 1 (OMP_NUM_THREADS; set OMP_NUM_THREADS to change)\n"
+
+
+@pytest.mark.benchmark
+def test_the_thread_benchmark_prints_a_row_per_setting(tiny_model):
+    """benchmarks/cpu_threads.py, small: fresh workers at once, one row per (processes, threads)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "benchmarks/cpu_threads.py", "--model", tiny_model[1], "--threads", "1",
+                             "2", "--processes", "1", "2", "--repeats", "1", "--steps", "1", "--length", "16"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.split("processes  threads", 1)[1].splitlines()[1:]
+    rows = [line.split()[:2] for line in table]
+    assert rows == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]], result.stdout

@@ -86,3 +86,50 @@ def test_instruction_response_columns_become_trl_prompt_completion(tmp_path):
                    "completion": [{"role": "assistant", "content": "xs[::-1]"}]}
     args.dataset_prompt_column = args.dataset_completion_column = None
     assert set(load_train_dataset(args).column_names) == {"instruction", "response", "lang"}
+
+
+@pytest.mark.launcher  # trl's CLI starts its script through accelerate launch
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_the_quickstart_recipes_run_under_trl_itself(method, tiny_model, tmp_path):
+    """``trl sft|dpo --config`` on the quickstart recipe without its gmt_* keys, as it is: its data is named
+    in TRL's own form (a mixture entry ``path: json`` + ``data_files``), which both commands load."""
+    import subprocess
+    import sys
+
+    from gmt_align.quickstart import prepare_quickstart
+    from gmt_align.testing import cpu_env
+
+    prepare_quickstart(ROOT / ".cache" / "quickstart")
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart" / f"{method}.yaml").read_text())
+    assert "dataset_name" not in recipe and recipe["datasets"][0]["path"] == "json"
+    trl_recipe = tmp_path / f"{method}.yaml"
+    trl_recipe.write_text(yaml.safe_dump({k: v for k, v in recipe.items() if not k.startswith("gmt_")}))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "trl"), method, "--config", str(trl_recipe), *tiny_model,
+         "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "1",
+         "--gradient_accumulation_steps", "1", "--max_length", "64"],
+        cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_dataset_name_on_the_command_line_replaces_the_recipes_mixture(tmp_path):
+    """As any override: ``--dataset_name FILE`` on the quickstart recipe trains on FILE (validate reads it so too)."""
+    from gmt_align.cli.recipe import parse_recipe
+    from gmt_align.cli.validate import validate_recipe
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n')
+    fields = yaml.safe_load((ROOT / "recipes" / "quickstart" / "sft.yaml").read_text())
+    fields["datasets"][0]["data_files"] = str(tmp_path / "sft_train.jsonl")  # the quickstart's, made here
+    (tmp_path / "sft_train.jsonl").write_text(data.read_text())
+    recipe = str(tmp_path / "sft.yaml")
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(fields))
+    overrides = ["--model_name_or_path", "gmt-align-tests/no-such-model", "--output_dir", str(tmp_path / "out")]
+    script_args, _, _ = parse_recipe("sft", ["--config", recipe, *overrides, "--dataset_name", str(data)])
+    assert script_args.dataset_name == str(data) and script_args.datasets == []
+    script_args, _, _ = parse_recipe("sft", ["--config", recipe, *overrides])
+    assert script_args.dataset_name is None and script_args.datasets[0].data_files.endswith("sft_train.jsonl")
+    report = validate_recipe(recipe, overrides={"dataset_name": str(data), "model_name_or_path": "x/y"})
+    assert report.problems == []

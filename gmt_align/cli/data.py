@@ -95,6 +95,9 @@ def data_source_problems(script_args, training_args) -> list[str]:
         if test_size is not None:
             problems.append("test_split_size holds rows out of training but eval_strategy is 'no': set "
                             "eval_strategy: steps or epoch, or drop test_split_size")
+        if option_value(training_args, "eval_on_start"):  # the Trainer would stop once the model has loaded
+            problems.append("eval_on_start evaluates before the first step, but eval_strategy is 'no' (no evaluation "
+                            "rows are loaded): set eval_strategy: steps or epoch, or drop eval_on_start")
         return problems
     if is_local_file(split):
         if not Path(split).expanduser().exists():

@@ -7,7 +7,8 @@ accuracy rewards) or a GPU (QLoRA, Liger's Triton kernels and vLLM need one; so 
 default, unless ``use_cpu``; ``fp16`` needs one even then), and a stale lock left in torch's extension
 folder by a killed build, on which the run would otherwise hang (:mod:`gmt_align.core.build_lock`), and an
 installed torch, DeepSpeed or transformers without an internal that gmt_align reads
-(:mod:`gmt_align.cli.contracts`). ``gmt-align sft|dpo`` refuses such a recipe before loading
+(:mod:`gmt_align.cli.contracts`), and ``push_to_hub`` where the Hub cannot be reached or no token is
+set (:func:`gmt_align.cli.option_checks.hub_problems`). ``gmt-align sft|dpo`` refuses such a recipe before loading
 anything; ``gmt-align validate`` notes them (recipes are often checked on a login node for GPU
 nodes; ``--here`` makes them problems). :func:`model_option_problems` are the
 combinations that fail on any machine.
@@ -30,6 +31,7 @@ from gmt_align.training.machine import bf16_problem, cuda_available, fp16_proble
 
 from .contracts import missing_internals
 from .common import option_value
+from .option_checks import hub_problems, package_problems
 
 __all__ = ["kernel_plan", "machine_problems", "main", "model_option_problems"]
 
@@ -76,6 +78,7 @@ def machine_problems(training_args, model_args, script_args=None) -> list[str]:
     fp16 = fp16_problem(option_value(training_args, "fp16"), option_value(training_args, "use_cpu"))
     if fp16:
         problems.append(fp16)
+    problems += hub_problems(training_args) + package_problems(training_args, model_args)
     return problems + stale_lock_problems() + missing_internals()
 
 

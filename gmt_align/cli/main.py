@@ -8,7 +8,9 @@ without training and lists every problem (exit status 1 if any; see :mod:`gmt_al
 ``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy)
 on a held-out split (see :mod:`gmt_align.cli.evaluate`). ``gmt-align env`` prints versions, GPU and
 kernels for a bug report (see :mod:`gmt_align.cli.environment`); ``gmt-align --version`` the version.
-The subcommands are argparse subparsers; each parses the rest of its line itself.
+The subcommands are argparse subparsers; each parses the rest of its line itself. A training command
+given ``--accelerate_config NAME|PATH`` or ``--num_processes N`` starts itself again under ``accelerate
+launch``, as ``trl sft`` does (see :mod:`gmt_align.cli.launch`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ COMMANDS = {
 }
 EPILOG = """examples:
   gmt-align sft --config recipes/quickstart/sft.yaml --max_steps 2 --gmt_mask_ratio 0.3
+  gmt-align sft --config recipes/quickstart/sft.yaml --accelerate_config zero2 --num_processes 2
   gmt-align validate recipes/quickstart/sft.yaml
   gmt-align report outputs/quickstart-sft
   gmt-align eval --model outputs/quickstart-sft --task basic_arithmetic
@@ -96,6 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = COMMANDS[command][1]
     if module is not None:
         return import_module(module, __package__).main(rest)
+    from .common import RecipeError
+    from .launch import split_launch_options
+
+    try:  # --accelerate_config / --num_processes: start this command again under accelerate launch
+        launch_options, rest = split_launch_options(rest)
+    except RecipeError as error:
+        print(f"gmt-align {command}: error: {error}", file=sys.stderr)
+        return 2
+    if launch_options:
+        return _launch(command, launch_options, rest)
     # No launcher: DeepSpeed would look for MPI; run as one rank instead. Taken back on return, so
     # that a caller in the same process (a test) does not hand these variables to its children.
     added = single_process_environment() if _asks_for_deepspeed(rest) else {}
@@ -105,6 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def _launch(command: str, options: dict[str, str], rest: list[str]) -> int:
+    from .common import RecipeError
+    from .launch import launch
+
+    try:
+        return launch(command, options, rest)
+    except RecipeError as error:
+        print(f"gmt-align {command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _run(command: str, rest: list[str]) -> int:

@@ -121,7 +121,9 @@ def make_parser(method: str) -> TrlParser:
     """TRL's parser for (script, training, model) arguments. A field must be named in full: argparse
     would otherwise take ``--max_step`` for ``--max_steps`` (and a typo for whichever field it begins)."""
     return _Parser((script_class(method), config_class(method), ModelConfig), prog=f"gmt-align {method}",
-                   allow_abbrev=False)
+                   allow_abbrev=False, epilog="launch options, as trl takes them: --accelerate_config NAME|PATH "
+                   "(zero2, zero3, fsdp2, multi_gpu, or an accelerate config file) and --num_processes N start this "
+                   "command again under accelerate launch (gmt_align.cli.launch)")
 
 
 @functools.cache
@@ -132,10 +134,14 @@ def fields(method: str) -> frozenset[str]:
 
 
 def unknown_key(key: str, method: str) -> str:
-    """One line for a key ``method`` does not take: another method's field, or the closest known one."""
+    """One line for a key ``method`` does not take: another method's field, a renamed key, or the closest one."""
+    from .option_checks import RENAMED
+
     other = next((other for other in METHODS if other != method and key in fields(other)), None)
     if other:
         return f"{key} is {_a(other)} field, not {_a(method)} one"
+    if RENAMED.get(key) in fields(method):
+        return f"unknown key {key!r} (TRL and transformers renamed it {RENAMED[key]!r})"
     close = difflib.get_close_matches(key, sorted(fields(method)), n=1, cutoff=0.8)
     return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
@@ -156,10 +162,12 @@ def override_value(method: str, key: str, value: str):
     return getattr(namespace, key)
 
 
-def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
+def parse_recipe(method: str, argv: Sequence[str], launching: bool = False) -> tuple:
     """Parse ``--config R.yaml`` plus overrides into (script, training, model) arguments, check them
-    (:func:`problems`, then what the machine lacks), hold ``output_dir`` for this process's life (or until
-    :func:`gmt_align.training.run_lock.release_run_folder`) and prepare it; ``RecipeError`` on the first problem."""
+    (:func:`problems`, then what the machine lacks, then what one process cannot do), hold ``output_dir`` for
+    this process's life (or until :func:`gmt_align.training.run_lock.release_run_folder`) and prepare it;
+    ``RecipeError`` on the first problem. ``launching``: this process only starts the ranks
+    (``--accelerate_config``), so ``output_dir`` is checked, not held or prepared (the ranks do both)."""
     import yaml
 
     argv = list(argv)
@@ -182,23 +190,37 @@ def parse_recipe(method: str, argv: Sequence[str]) -> tuple:
     if unknown or from_line:
         raise RecipeError("; ".join(unknown) or f"unexpected argument {from_line[0]!r}")
 
+    on_line = {item.split("=", 1)[0] for item in argv}
+    if "--dataset_name" in on_line and "--datasets" not in on_line:
+        script_args.datasets = []  # a file on the command line replaces the recipe's mixture (as any override)
+
     from .environment import machine_problems
+    from .option_checks import one_process_problems
 
     found = problems(script_args, training_args, model_args, explicit=_explicit_keys(argv))
     found += machine_problems(training_args, model_args, script_args)
+    if not launching:
+        found += one_process_problems(training_args)
     unwritable = unwritable_problem("output_dir", training_args.output_dir)  # this run's folder, on this machine
     found += [unwritable] if unwritable else []
+    if launching:
+        from gmt_align.training.run_lock import in_use
+
+        busy = in_use(training_args.output_dir)
+        found += [busy] if busy else []
     if found:
         raise RecipeError(found[0])
     from gmt_align.training.run_lock import claim_run_folder, release_run_folder
     from gmt_align.training.runs import RunFolderError, prepare_run_folder
 
     took = False
-    try:  # the folder held for this run's life; `true` becomes the newest complete checkpoint; a reused folder is refused
-        took = claim_run_folder(training_args)
-        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        training_args.resume_from_checkpoint = prepare_run_folder(training_args, first_on_node,
-                                                                  world_size=training_args.world_size)
+    try:  # held for the run's life; `true` becomes the newest complete checkpoint; a reused folder is refused
+        took = not launching and claim_run_folder(training_args)
+        first_on_node = not launching and int(os.environ.get("LOCAL_RANK", "0")) == 0
+        resume = prepare_run_folder(training_args, first_on_node,
+                                    world_size=None if launching else training_args.world_size)
+        if not launching:
+            training_args.resume_from_checkpoint = resume
     except RunFolderError as error:
         if took:
             release_run_folder(training_args.output_dir)
@@ -253,8 +275,11 @@ def problems(script_args, training_args, model_args, explicit: Iterable[str] = (
     keys the recipe sets itself, which a JSON ``optimizer``/``scheduler`` block would override)."""
     from gmt_align.backends.fsdp2 import fsdp_problems
 
+    from .option_checks import lora_target_problems, sft_option_problems, template_problems
+
     found = source_problems(script_args, training_args, model_args) + fsdp_problems(training_args)
-    found += exclude_problems_before_loading(training_args, model_args)
+    found += exclude_problems_before_loading(training_args, model_args) + sft_option_problems(training_args)
+    found += template_problems(training_args, model_args) + lora_target_problems(training_args, model_args)
     if training_args.deepspeed:
         from .deepspeed_checks import deepspeed_problems, load_deepspeed_config
 

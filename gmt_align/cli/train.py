@@ -20,7 +20,7 @@ from gmt_align.core.contract import Contract
 
 from .data import load_datasets
 
-__all__ = ["CONTRACT", "ignore_bool_buffers", "model_kwargs", "train"]
+__all__ = ["CONTRACT", "ignore_bool_buffers", "model_kwargs", "train", "use_cpu_threads"]
 
 # DDP's own helper for the names it leaves unsynchronised (what TRL's dpo script sets by hand).
 CONTRACT = Contract(checked_with="torch 2.13", names=(
@@ -46,6 +46,24 @@ def ignore_bool_buffers(model) -> list[str]:
     return ignored
 
 
+def use_cpu_threads(training_args) -> int | None:
+    """On the CPU, torch's thread count as :func:`gmt_align.training.machine.cpu_threads` chooses it, stated
+    in one line by each node's first process (None: training on a GPU)."""
+    import sys
+
+    import torch
+
+    from gmt_align.training.machine import cpu_threads, cuda_available
+
+    if not (training_args.use_cpu or not cuda_available()):
+        return None
+    threads, why = cpu_threads()
+    torch.set_num_threads(threads)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"gmt-align: CPU threads: {threads} ({why}; set OMP_NUM_THREADS to change)", file=sys.stderr, flush=True)
+    return threads
+
+
 def train(method: str, script_args, training_args, model_args):
     """Load data and model, train with GMT, save model + tokenizer to ``output_dir``; on SIGTERM, stop with
     one line naming the last complete checkpoint (:mod:`gmt_align.training.preemption`)."""
@@ -62,6 +80,7 @@ def _train(method, script_args, training_args, model_args, stop):
     from gmt_align.core.distributed import ensure_deepspeed_comm
     from gmt_align.training.trainers import GMTDPOTrainer, GMTGRPOTrainer, GMTSFTTrainer
 
+    use_cpu_threads(training_args)
     # Before the model: a bad file fails in seconds, with one line naming it (DataError).
     train_dataset, eval_dataset = load_datasets(script_args, training_args, method)
     if training_args.deepspeed:

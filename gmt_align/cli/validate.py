@@ -2,8 +2,9 @@
 
 Reads a recipe and its DeepSpeed config as ``gmt-align sft|dpo|grpo`` would, loads neither model nor
 data, and reports every problem at once, one per line, each prefixed with the file it comes from.
-Overrides (``--deepspeed ds_configs/zero3.json``, ``--max_steps 3``) are read as the training command
-reads them, so a launch command can be checked as it will run. Exit status: 0 (one ``OK`` line per
+Overrides (``--deepspeed ds_configs/zero3.json``, ``--max_steps 3``, and ``--accelerate_config`` /
+``--num_processes``) are read as the training command reads them, so a launch command can be checked
+as it will run. Exit status: 0 (one ``OK`` line per
 recipe), 1 (problems found), 2 (bad usage of the command).
 
 What counts as a problem (each would otherwise stop or silently change a run, often after the
@@ -185,6 +186,8 @@ def validate_recipe(
         return report
     overrides = {**(overrides or {}), **({"deepspeed": deepspeed} if deepspeed is not None else {})}
     report.method = method = method or infer_method({**recipe, **overrides}, path)
+    if "dataset_name" in overrides and "datasets" not in overrides:
+        recipe.pop("datasets", None)  # as gmt-align sft|dpo: the command line's file replaces the recipe's mixture
     for message in _apply_overrides(recipe, overrides, method):
         problem(message)
 
@@ -253,8 +256,15 @@ def main(argv: Sequence[str]) -> int:
     # DeepSpeed is imported for its config schema only; without this it probes for an accelerator
     # and prints a warning on a machine that has none (a login node).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .common import RecipeError
+    from .launch import launch_option_problems, split_launch_options
+
     recipes, method, overrides, here = [], None, {}, False
-    argv = list(argv)
+    try:  # --accelerate_config / --num_processes: checked as the training command checks them
+        launch_options, argv = split_launch_options(argv)
+    except RecipeError as error:
+        print(f"gmt-align validate: error: {error}", file=sys.stderr)
+        return 2
     while argv:
         arg = argv.pop(0)
         if arg in ("-h", "--help"):
@@ -285,6 +295,7 @@ def main(argv: Sequence[str]) -> int:
     status = 0
     for recipe in recipes:
         report = validate_recipe(recipe, method=method, overrides=overrides)
+        report.problems += [f"{recipe}: {message}" for message in launch_option_problems(launch_options)]
         print("\n".join(report.lines(here)))
         status = max(status, 1 if report.problems or (here and report.machine) else 0)
     return status

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-__all__ = ["BF16_FIX", "accelerator_available", "bf16_problem", "cuda_available", "fp16_problem", "installed"]
+__all__ = ["BF16_FIX", "accelerator_available", "bf16_problem", "cpu_threads", "cuda_available", "fp16_problem",
+           "installed"]
 
 BF16_FIX = "set --bf16 false (bf16: false in the recipe) to train in fp32 here"
 
@@ -65,3 +66,25 @@ def fp16_problem(fp16, use_cpu) -> str | None:
         return None
     return "fp16 is true, but this machine has no GPU, and fp16 mixed precision does not run on the CPU (the run " \
            "would silently train in fp32): set --fp16 false (fp16: false in the recipe)"
+
+
+def cpu_threads(environ=None) -> tuple[int, str]:
+    """The torch thread count for training on the CPU, and why (for the line the run starts with).
+
+    ``OMP_NUM_THREADS`` when set (launchers set it: accelerate and torchrun to 1 per process). Otherwise
+    the cores this process may run on, shared among the node's processes (``LOCAL_WORLD_SIZE``), less
+    those the machine is already busy with (its 1-minute load average), and at least 1: torch's default
+    (every core) on a busy machine makes each thread wait for the others (benchmarks/cpu_threads.py;
+    figures in docs/performance.md).
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS", "").isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
+        return int(environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(cores // processes, int((cores - load) // processes)))
+    shared = f", {processes} processes" if processes > 1 else ""
+    return threads, f"{cores} cores, load average {load:.1f}{shared}"
