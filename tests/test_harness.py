@@ -117,6 +117,26 @@ def _direct_accuracy(model_dir: Path, docs: list[dict]) -> list[bool]:
     return correct
 
 
+def doc_line(*words: str) -> list[str]:
+    """The `gmt-align eval` line of docs/evaluation.md that holds ``words``, as argv after ``eval``."""
+    import shlex
+
+    text = (ROOT / "docs" / "evaluation.md").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines()
+               if line.startswith("gmt-align eval ") and all(w in shlex.split(line) for w in words)]
+    return shlex.split(line)[2:]
+
+
+def test_the_documented_task_yaml_is_the_one_the_test_runs(tmp_path):
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    documented = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    _task_files(tmp_path)
+    ours = yaml.safe_load((tmp_path / f"{TASK}.yaml").read_text())
+    assert documented["dataset_kwargs"]["data_files"] == {"test": "my_tasks/qs.jsonl"}
+    assert {**documented, "dataset_kwargs": None} == {**ours, "dataset_kwargs": None}
+    assert doc_line("--include_path")[doc_line("--include_path").index("--tasks") + 1] == TASK
+
+
 def _eval(*args, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            **(env or {})}
@@ -165,8 +185,9 @@ def test_own_task_end_to_end_matches_transformers_and_logs_to_the_training_run(s
                        "--confirm_run_unsafe_code"):
         harness.check_tasks(["humaneval", "mbpp", "gsm8k"], None, confirm_unsafe=False)
 
-    run = _eval("--model", str(run_folder), "--tasks", TASK, "--include_path", str(tasks), "--batch_size", "4",
-                "--num_fewshot", "0", env=wandb_env)
+    argv = doc_line("--include_path")  # as documented, our folders in place of outputs/ and my_tasks/
+    argv[argv.index("--model") + 1], argv[argv.index("--include_path") + 1] = str(run_folder), str(tasks)
+    run = _eval(*argv, "--num_fewshot", "0", env=wandb_env)
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = (run_folder / "lm_eval").glob("results_*.json")
     results = json.loads(results_file.read_text())["results"][TASK]
