@@ -73,6 +73,24 @@ def test_paper_recipes_carry_their_benchmarks_and_eval_reads_them(domain):
         assert (args.tasks, args.model) == ("gsm8k", "elsewhere")
 
 
+def test_an_adapter_goes_to_lm_eval_as_peft_on_its_base(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    assert harness.model_args(adapter) == {"pretrained": "/models/base", "peft": str(adapter), "dtype": "auto"}
+    (adapter / "tokenizer_config.json").write_text("{}")  # as gmt-align sft --use_peft saves it
+    assert harness.model_args(adapter)["tokenizer"] == str(adapter)
+    assert harness.model_args(tmp_path) == {"pretrained": str(tmp_path), "dtype": "auto"}
+
+
+def test_the_training_run_is_found_from_the_run_folder_or_a_checkpoint_in_it(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    assert harness.training_wandb_run(tmp_path) is None
+    (tmp_path / "wandb_run.json").write_text(json.dumps({"id": "abc", "project": "p", "entity": None}))
+    assert harness.training_wandb_run(tmp_path)["id"] == "abc"
+    assert harness.training_wandb_run(tmp_path / "checkpoint-4")["id"] == "abc"
+
+
 # ----------------------------------------------------------------- real model, end to end
 
 
