@@ -45,6 +45,7 @@ def _err_lines(capsys):
     (["--tasks", "gsm8k", "--report_to", "tensorboard"], "invalid choice"),
     (["--config", "{recipe}"], "the recipe has no eval_tasks"),
     (["--config", "{recipe}", "--task", "chain_sum"], "--config runs the recipe's eval_tasks"),
+    (["--config", "/no/such/recipe.yaml"], "No such file"),
 ])
 def test_bad_input_is_one_line_before_lm_eval_loads_anything(args, needle, capsys, tmp_path, monkeypatch):
     model = tmp_path / "model"

@@ -51,10 +51,13 @@ def recipe_tasks(args: argparse.Namespace) -> None:
         recipe = yaml.safe_load(Path(args.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise EvalUsageError(f"--config {args.config}: {str(error).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise EvalUsageError(f"--config {args.config}: not a recipe (a YAML mapping of fields)")
     if args.tasks is None:
-        if not recipe.get("eval_tasks"):
+        tasks = recipe.get("eval_tasks")
+        if not tasks:
             raise EvalUsageError(f"--config {args.config}: the recipe has no eval_tasks; give --tasks")
-        args.tasks = ",".join(map(str, recipe["eval_tasks"]))
+        args.tasks = tasks if isinstance(tasks, str) else ",".join(map(str, tasks))
     if args.model is None:
         if not recipe.get("output_dir"):
             raise EvalUsageError(f"--config {args.config}: the recipe has no output_dir; give --model")
