@@ -23,6 +23,7 @@ from gmt_align.evaluation.evaluate import EvalUsageError
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TASKS = {"code": {"humaneval", "mbpp"}, "math": {"gsm8k", "minerva_math"},
                "general": {"mmlu", "gsm8k", "bbh_cot_fewshot", "tydiqa_goldp", "truthfulqa_mc2", "humaneval"}}
+PAPER_TASKS["dpo"] = PAPER_TASKS["general"]  # docs/recipes.md: the DPO models are evaluated as general SFT
 TASK = "qs_arith_mc"
 
 
