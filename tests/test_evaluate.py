@@ -174,7 +174,7 @@ def _err_lines(capsys):
     (["--model", "{model}", "--task", "chain_sum", "--max_new_tokens", "0"], "--max_new_tokens"),
     (["--model", "{model}", "--task", "chain_sum", "--seed", str(qs.TRAIN_SEED)], "TRAIN_SEED"),
     (["--model", "{model}", "--task", "chain_sum", "--n", "many"], "invalid int"),
-    (["--model", "{model}"], "required"),
+    (["--model", "{model}"], "give --tasks"),
     (["--model", "{model}", "--task", "chain_sum", "--bogus", "1"], "unrecognized"),
 ])
 def test_cli_bad_input_is_one_line(args, needle, capsys, tmp_path, monkeypatch):

@@ -5,11 +5,16 @@ import random
 import re
 import struct
 
+import matplotlib
 import pytest
 
-from gmt_align.cli import main as cli
-from gmt_align.cli.report import MAX_COLUMNS, bin_columns, standouts
-from gmt_align.training.stats_file import TelemetryStateError, continue_run, read_records
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from gmt_align.cli import main as cli  # noqa: E402
+from gmt_align.cli.report import (FLOOR, LOOK_FOR, MAX_COLUMNS, bin_columns, block_grid, colour_scale,  # noqa: E402
+                                  heatmap_figure, load_stats, overall_figure, render, standouts)
+from gmt_align.training.stats_file import TelemetryStateError, continue_run, read_records  # noqa: E402
 
 BLOCKS = 30
 
@@ -34,7 +39,7 @@ def png_size(path):
     return width, height
 
 
-def test_a_long_run_gives_bounded_heatmaps_on_a_fixed_scale_and_names_the_odd_block(tmp_path, capsys):
+def test_a_long_run_gives_bounded_heatmaps_and_names_the_odd_block(tmp_path, capsys):
     synthetic(tmp_path / "gmt_stats.jsonl", odd_block=7)
     assert cli(["report", str(tmp_path)]) == 0
     for figure in ("retained_energy", "churn", "coverage"):
@@ -48,20 +53,74 @@ def test_a_long_run_gives_bounded_heatmaps_on_a_fixed_scale_and_names_the_odd_bl
     assert summary in capsys.readouterr().out + "\n"
 
 
-def test_colours_span_zero_to_one_whatever_the_spread(tmp_path):
-    """Blocks that differ by 1e-7 are one colour, viridis(0.95), not the whole colour bar."""
-    import matplotlib.image
-    from matplotlib import colormaps
+def _figure_values(records, figure):
+    return [r[k] for r in records for k in r if k.startswith(f"gmt/{figure}/block_")]
 
+
+def _integer_ticks(ax):
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    return len(ticks) >= 2 and all(t == int(t) for t in ticks)
+
+
+def test_each_heatmap_spans_its_own_data_with_whole_step_ticks(tmp_path):
+    """Retained energy (0.999...) and coverage as 1 − figure on a log scale from its smallest to its
+    largest value, churn linear over its own range; the range is in the title; ticks are whole steps."""
+    from matplotlib.colors import LogNorm
+
+    path = tmp_path / "gmt_stats.jsonl"
+    synthetic(path, steps=37, spread=0.01)
+    records = load_stats(path)
+    for record in records:  # retained energy as GMT logs it: a hair below 1
+        for key in [k for k in record if k.startswith("gmt/retained_energy/")]:
+            record[key] = 1 - abs(1 - record[key]) / 50
+    for figure, log in (("retained_energy", True), ("coverage", True), ("churn", False)):
+        values = _figure_values(records, figure)
+        drawn = [1 - v for v in values] if log else values
+        fig = heatmap_figure(records, figure)
+        ax = fig.axes[0]
+        norm = ax.images[0].norm
+        assert isinstance(norm, LogNorm) == log, figure
+        assert (norm.vmin, norm.vmax) == pytest.approx((min(drawn), max(drawn)), rel=1e-12), figure
+        assert f"{min(drawn):.3g} to {max(drawn):.3g}" in ax.get_title(), ax.get_title()
+        assert _integer_ticks(ax), ax.get_xticks()
+        assert any(LOOK_FOR[figure] == t.get_text() for t in fig.texts), figure
+        plt.close(fig)
+
+
+def test_noise_is_drawn_flat_not_across_the_whole_scale(tmp_path):
+    """Blocks that differ by 1e-7 get a range FLOOR wide (linear) or a factor of 2 (log), not the colour bar."""
     synthetic(tmp_path / "gmt_stats.jsonl", steps=20, spread=1e-7)
-    assert cli(["report", str(tmp_path)]) == 0
-    assert "retained energy by block: no block differs" in (tmp_path / "gmt_summary.txt").read_text()
-    image = matplotlib.image.imread(tmp_path / "gmt_retained_energy_heatmap.png")
-    height, width = image.shape[:2]
-    expected = colormaps["viridis"](0.95)[:3]
-    for y in (0.3, 0.5, 0.7):
-        for x in (0.2, 0.4, 0.6):
-            assert image[int(height * y), int(width * x), :3] == pytest.approx(expected, abs=0.02), (x, y)
+    records = load_stats(tmp_path / "gmt_stats.jsonl")
+    _, scale, low, high, _ = colour_scale("churn", block_grid(records, "churn")[1])
+    assert scale == "linear" and high - low == pytest.approx(FLOOR)
+    assert low < min(_figure_values(records, "churn")) and max(_figure_values(records, "churn")) < high
+    _, scale, low, high, _ = colour_scale("retained_energy", block_grid(records, "retained_energy")[1])
+    assert scale == "log" and high / low == pytest.approx(2) and low < 0.05 < high
+
+
+def test_overall_panels_each_on_its_own_range_and_the_report_opens_with_what_to_look_for(tmp_path):
+    path = tmp_path / "gmt_stats.jsonl"
+    synthetic(path, steps=12, every=5)
+    records = load_stats(path)
+    fig = overall_figure(records)
+    panels = {ax.get_title().split(":")[0]: ax for ax in fig.axes}
+    assert set(panels) == {"kept fraction", "1 − retained energy (log scale)", "churn", "coverage"}
+    energy = panels["1 − retained energy (log scale)"]
+    assert energy.get_yscale() == "log" and energy.get_ylim()[0] < 0.05 < energy.get_ylim()[1]
+    kept = panels["kept fraction"]  # constant 0.9: a level line, not noise blown up
+    assert kept.get_ylim()[1] - kept.get_ylim()[0] >= FLOOR and kept.get_ylim()[0] < 0.9 < kept.get_ylim()[1]
+    coverage = [r["gmt/coverage"] for r in records]
+    low, high = panels["coverage"].get_ylim()
+    assert low < min(coverage) and max(coverage) < high and high - low < 1.11 * (max(coverage) - min(coverage))
+    assert all(_integer_ticks(ax) for ax in fig.axes)
+    assert LOOK_FOR["overall"] in [t.get_text() for t in fig.texts]
+    plt.close(fig)
+    written = render(records, tmp_path)
+    assert [p.name for p in written] == ["gmt_overall.png", "gmt_retained_energy_heatmap.png", "gmt_churn_heatmap.png",
+                                         "gmt_coverage_heatmap.png", "gmt_report.pdf"]
+    pdf = (tmp_path / "gmt_report.pdf").read_bytes()
+    assert pdf.count(b"/Type /Page") - pdf.count(b"/Type /Pages") == 4  # the overall page first, then the maps
 
 
 def test_binning_and_noise():

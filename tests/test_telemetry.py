@@ -290,6 +290,7 @@ def test_console_log_history_and_jsonl(wandb_run):
 
 def test_wandb_offline_run_holds_the_figures_the_panels_and_the_config(wandb_run):
     _, out, run_dir, _ = wandb_run
+    assert json.loads((out / "wandb_run.json").read_text())["id"] == run_dir.name.rsplit("-", 1)[1]  # for gmt-align eval
     wandb_cli = Path(__import__("sys").executable).with_name("wandb")
     lines = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
                            text=True, check=True, timeout=120).stdout.splitlines()

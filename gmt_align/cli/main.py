@@ -5,8 +5,9 @@ Runs under any launcher unchanged (``accelerate launch -m gmt_align.cli ...``,
 line on stderr, before any model is loaded. ``gmt-align validate RECIPE.yaml`` checks a recipe
 without training and lists every problem (exit status 1 if any; see :mod:`gmt_align.cli.validate`).
 ``gmt-align report OUTPUT_DIR`` plots a run's mask telemetry (see :mod:`gmt_align.cli.report`).
-``gmt-align eval --model DIR --task TASK`` measures accuracy (or NLL, or DPO preference accuracy)
-on a held-out split (see :mod:`gmt_align.cli.evaluate`). ``gmt-align env`` prints versions, GPU and
+``gmt-align eval --model DIR --tasks gsm8k,mbpp`` runs lm-evaluation-harness tasks; ``--task TASK``
+a built-in quick task: accuracy (or NLL, or DPO preference accuracy) on a held-out split (see
+:mod:`gmt_align.cli.evaluate`). ``gmt-align env`` prints versions, GPU and
 kernels for a bug report (see :mod:`gmt_align.cli.environment`); ``gmt-align --version`` the version.
 The subcommands are argparse subparsers; each parses the rest of its line itself. A training command
 given ``--accelerate_config NAME|PATH`` or ``--num_processes N`` starts itself again under ``accelerate
@@ -31,7 +32,8 @@ COMMANDS = {
     "grpo": ("group relative policy optimisation (TRL's GRPO) with Gradient-Mask Tuning (likewise)", None),
     "validate": ("check recipes and their DeepSpeed config without loading a model; list every problem", ".validate"),
     "report": ("plots and a summary of a run's mask telemetry (OUTPUT_DIR/gmt_stats.jsonl)", ".report"),
-    "eval": ("greedy accuracy (95%% Wilson interval) on a held-out split, or --metric nll / preference", ".evaluate"),
+    "eval": ("lm-evaluation-harness tasks (--tasks), or a built-in quick task (--task): greedy accuracy, "
+             "--metric nll / preference", ".evaluate"),
     "env": ("versions, GPU and the GMT kernels that will run (paste it into bug reports)", ".environment"),
 }
 EPILOG = """examples:

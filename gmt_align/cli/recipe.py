@@ -73,6 +73,11 @@ class GMTScriptArguments(ScriptArguments, DatasetMixtureConfig):
     dataset_completion_column: str | None = field(
         default=None, metadata={"help": "Text column that becomes the assistant turn (see dataset_prompt_column)."}
     )
+    eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "The benchmarks of this recipe, as lm-evaluation-harness task or group names: what "
+                  "`gmt-align eval --config RECIPE` runs on its output_dir. Training does not read them."},
+    )
 
     def __post_init__(self):
         """Mixture entries checked as TRL would at load time (or with a TypeError), in one line each."""

@@ -3,12 +3,17 @@
 Reads ``OUTPUT_DIR/gmt_stats.jsonl`` (one record per logging step of one run, written by the
 trainers; see :mod:`gmt_align.training.stats_file`) and writes into ``--out`` (default ``OUTPUT_DIR``):
 
+* ``gmt_overall.png`` — kept fraction, 1 − retained energy (log), churn and coverage against the step,
+  each in its own panel on its own range;
 * ``gmt_FIGURE_heatmap.png`` — per block (rows) and step (columns), for each per-block figure the
   run logged: ``retained_energy``, ``churn``, ``coverage``, and ``kept_fraction`` under the global
-  granularity. Colours span [0, 1] for every run; the steps are binned into at most
-  :data:`MAX_COLUMNS` columns (each the mean of its logging steps), so the image stays the same
-  width at any run length;
-* ``gmt_overall.png`` — kept fraction, retained energy, churn and coverage against the step;
+  granularity. Each on a colour scale that shows its variation (:func:`colour_scale`: 1 − retained
+  energy and 1 − coverage on a log scale, the others linear; each over its own range, printed in the
+  title); the steps are binned
+  into at most :data:`MAX_COLUMNS` columns (each the mean of its logging steps), so the image stays
+  the same width at any run length; step ticks are whole steps;
+* ``gmt_report.pdf`` — the same figures, the overall one first; each figure says in one line under
+  it what to look for (:data:`LOOK_FOR`);
 * ``gmt_summary.txt`` — a short text summary, also printed: the whole-model figures, and per
   figure the blocks that differ from the typical block by more than noise (:func:`standouts`).
 
@@ -28,7 +33,8 @@ from pathlib import Path
 from gmt_align.training.figures import is_group_key, split_group_key
 from gmt_align.training.stats_file import STATS_FILE, TelemetryStateError, read_records, runs_of
 
-__all__ = ["MAX_COLUMNS", "bin_columns", "block_grid", "load_stats", "main", "render", "standouts", "summary"]
+__all__ = ["LOOK_FOR", "MAX_COLUMNS", "bin_columns", "block_grid", "colour_scale", "heatmap_figure", "load_stats",
+           "main", "overall_figure", "render", "standouts", "summary"]
 
 MAX_COLUMNS = 200  # heatmap columns at most, whatever the number of logging steps
 HEATMAP_WIDTH_IN, DPI = 10.0, 100  # every heatmap is 1000 px wide
@@ -37,6 +43,7 @@ SIGMAS = 4  # named beyond 4 standard errors: with 30 blocks x 4 figures, a fals
 OVERALL = (("gmt/kept_fraction", "kept fraction"), ("gmt/retained_energy", "retained energy"),
            ("gmt/churn", "churn"), ("gmt/coverage", "coverage"))
 HEATMAPS = ("retained_energy", "churn", "coverage", "kept_fraction")
+COMPLEMENTED = ("retained_energy", "coverage")  # near 1: their heatmaps show 1 − figure, on a log scale
 
 
 def load_stats(path: str | Path) -> list[dict]:
@@ -120,51 +127,142 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# What each figure means and what to look for: one line under its title.
+LOOK_FOR = {
+    "overall": "Look for: retained energy near 1 with a fraction of the entries kept, churn settling, "
+               "coverage rising toward 1; a jump in any line is where to look.",
+    "retained_energy": "Look for: rows brighter than the others (blocks whose kept entries leave more gradient "
+                       "energy behind); log scale, lower is better.",
+    "churn": "Look for: rows or columns that stand out (blocks whose mask moves more, steps where all masks move).",
+    "coverage": "Look for: rows brighter than the others (blocks with more entries never updated yet); "
+                "all fall as training goes on.",
+    "kept_fraction": "Look for: blocks the global threshold favours (high) or starves (low).",
+}
+
+
+def value_range(values: Sequence[float], log: bool) -> tuple[float, float]:
+    """From the smallest to the largest of ``values`` (NaN, and on a log scale values <= 0, left out),
+    widened around its middle to at least :data:`FLOOR` (linear) or a factor of 2 (log): differences
+    below that are noise, and drawn flat (one colour, a level line) rather than across the whole scale."""
+    known = [v for v in values if not math.isnan(v) and (v > 0 or not log)]
+    if not known:
+        return (1e-6, 1e-3) if log else (0.0, 1.0)
+    low, high = min(known), max(known)
+    if log and high / low < 2:
+        middle = math.sqrt(low * high)
+        return middle / math.sqrt(2), middle * math.sqrt(2)
+    if not log and high - low < FLOOR:
+        middle = (low + high) / 2
+        return middle - FLOOR / 2, middle + FLOOR / 2
+    return low, high
+
+
+def colour_scale(figure: str, grid: list[list[float]]) -> tuple[list[list[float]], str, float, float, str]:
+    """How a heatmap of ``figure`` shows ``grid``: (values drawn, "log" or "linear", low, high, label).
+
+    Retained energy and coverage approach 1 (0.999...), so they are drawn as their complement on a log
+    scale: 1 − retained energy, the gradient energy the mask leaves behind, and 1 − coverage, the
+    entries not updated yet (0, fully covered, is drawn as the lowest colour). The other figures are
+    drawn as they are, on a linear scale. Either way the colours span the data's own range
+    (:func:`value_range`).
+    """
+    if figure in COMPLEMENTED:
+        values = [[1.0 - v for v in row] for row in grid]
+        low, high = value_range([v for row in values for v in row], log=True)
+        values = [[max(v, low) if not math.isnan(v) else v for v in row] for row in values]
+        return values, "log", low, high, f"1 − {figure.replace('_', ' ')} (log scale)"
+    low, high = value_range([v for row in grid for v in row], log=False)
+    return grid, "linear", low, high, figure.replace("_", " ")
+
+
+def heatmap_figure(records: list[dict], figure: str):
+    """The block × step heatmap of ``figure`` (a matplotlib Figure), or None if no block has it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    blocks, grid = block_grid(records, figure)
+    if not blocks:
+        return None
+    steps = [r["step"] for r in records]
+    values, scale, low, high, label = colour_scale(figure, grid)
+    binned = [bin_columns(row, MAX_COLUMNS) for row in values]
+    per_column = math.ceil(len(steps) / len(binned[0]))
+    height = min(16.0, max(3.4, 0.18 * len(blocks) + 2.0))
+    fig, ax = plt.subplots(figsize=(HEATMAP_WIDTH_IN, height))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # grey: no value (churn at first)
+    norm = LogNorm(low, high) if scale == "log" else Normalize(low, high)
+    image = ax.imshow(binned, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, norm=norm,
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(blocks) - 0.5))
+    ax.set_yticks(range(len(blocks)), [b.removeprefix("block_") for b in blocks],
+                  fontsize=7 if len(blocks) > 24 else 9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step" + (f" ({per_column} logging steps per column, mean)" if per_column > 1 else ""))
+    ax.set_ylabel("block")
+    ax.set_title(f"GMT {figure.replace('_', ' ')} per block — colours span {label.split(' (')[0]} "
+                 f"{low:.3g} to {high:.3g}", fontsize=11)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.text(0.01, 0.01, LOOK_FOR[figure], fontsize=8.5, style="italic")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def overall_figure(records: list[dict]):
+    """The whole-model figures against the step, one panel each, each on its own range."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(HEATMAP_WIDTH_IN, 6), sharex=True)
+    for ax, (key, label) in zip(axes.flat, OVERALL):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        log = key == "gmt/retained_energy"
+        if log:
+            points = [(step, 1.0 - value) for step, value in points if value < 1.0]
+            label = "1 − retained energy (log scale)"
+        if not points:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(label, fontsize=10)
+            continue
+        ax.plot(*zip(*points), marker="o" if len(points) <= 50 else None, markersize=3)
+        low, high = value_range([v for _, v in points], log)
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(low / 1.1, high * 1.1)
+        else:
+            margin = 0.05 * (high - low)
+            ax.set_ylim(low - margin, high + margin)
+            ax.ticklabel_format(axis="y", useOffset=False)
+        shown = [v for _, v in points]
+        ax.set_title(f"{label}: {min(shown):.4g} to {max(shown):.4g}", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle("GMT: the whole model, each figure on its own range", fontsize=11)
+    fig.text(0.01, 0.01, LOOK_FOR["overall"], fontsize=8.5, style="italic")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 def render(records: list[dict], out: Path) -> list[Path]:
-    """Write the heatmaps and the overall plot (Agg backend: no display needed); returns the paths."""
+    """Write the overall plot and the heatmaps as PNGs, and all of them, the overall plot first, into
+    ``gmt_report.pdf`` (Agg backend: no display needed); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
 
+    figures = [("gmt_overall.png", overall_figure(records))]
+    figures += [(f"gmt_{figure}_heatmap.png", fig) for figure in HEATMAPS
+                if (fig := heatmap_figure(records, figure)) is not None]
     written = []
-    steps = [r["step"] for r in records]
-    for figure in HEATMAPS:
-        blocks, grid = block_grid(records, figure)
-        if not blocks:
-            continue
-        binned = [bin_columns(row, MAX_COLUMNS) for row in grid]
-        per_column = math.ceil(len(steps) / len(binned[0]))
-        height = min(16.0, max(3.0, 0.18 * len(blocks) + 1.6))
-        fig, ax = plt.subplots(figsize=(HEATMAP_WIDTH_IN, height))
-        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # grey: no value (churn at first)
-        image = ax.imshow(binned, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap,
-                          vmin=0.0, vmax=1.0, extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(blocks) - 0.5))
-        ax.set_yticks(range(len(blocks)), [b.removeprefix("block_") for b in blocks],
-                      fontsize=7 if len(blocks) > 24 else 9)
-        ax.set_xlabel("step" + (f" ({per_column} logging steps per column, mean)" if per_column > 1 else ""))
-        ax.set_ylabel("block")
-        ax.set_title(f"GMT {figure.replace('_', ' ')} per block")
-        fig.colorbar(image, ax=ax, label=figure.replace("_", " "))
-        fig.tight_layout()
-        written.append(out / f"gmt_{figure}_heatmap.png")
-        fig.savefig(written[-1], dpi=DPI)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(HEATMAP_WIDTH_IN, 4))
-    for key, label in OVERALL:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="o" if len(points) <= 50 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("fraction")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    ax.set_title("GMT: kept fraction, retained gradient energy, churn, coverage")
-    fig.tight_layout()
-    written.append(out / "gmt_overall.png")
-    fig.savefig(written[-1], dpi=DPI)
-    plt.close(fig)
-    return written
+    with PdfPages(out / "gmt_report.pdf") as pdf:
+        for name, fig in figures:
+            written.append(out / name)
+            fig.savefig(written[-1], dpi=DPI)
+            pdf.savefig(fig)
+            plt.close(fig)
+    return [*written, out / "gmt_report.pdf"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,16 +10,24 @@ writes them to ``gmt_stats.jsonl``. Two kinds of the Trainer's own callbacks are
 * W&B (``WandbCallback``) gets, instead of one flat line chart per group and figure, per figure a
   ``wandb.Histogram`` whose bins are the blocks in order and whose heights are the figure
   (``train/gmt/FIGURE_by_block``; W&B's histogram panel draws it as a block × step map), and one
-  ``wandb.Table`` with a row per block and per module kind (``train/gmt/groups``).
+  ``wandb.Table`` with a row per block and per module kind (``train/gmt/groups``). Rank 0 also
+  writes the W&B run's id, project and entity to ``OUTPUT_DIR/wandb_run.json`` (:data:`WANDB_RUN_FILE`),
+  so that ``gmt-align eval`` can log its figures to the same run.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .figures import HEADLINE, is_group_key, split_group_key
 
-__all__ = ["GMTPrinterCallback", "GMTProgressCallback", "console_view", "route_figures", "wandb_panels"]
+__all__ = ["WANDB_RUN_FILE", "GMTPrinterCallback", "GMTProgressCallback", "console_view", "route_figures",
+           "wandb_panels"]
+
+WANDB_RUN_FILE = "wandb_run.json"  # in output_dir: {"id", "project", "entity"} of the run's W&B run
 
 
 def console_view(logs: dict | None) -> dict | None:
@@ -73,6 +81,16 @@ def _wandb_callback():
 
     class GMTWandbCallback(WandbCallback):
         """transformers' W&B callback; per-group ``gmt/`` figures become panels (see the module)."""
+
+        def setup(self, args, state, model, **kwargs):
+            super().setup(args, state, model, **kwargs)
+            import wandb  # imported by WandbCallback already
+
+            run = wandb.run if state.is_world_process_zero else None
+            if run is not None:  # which W&B run this output_dir belongs to (gmt-align eval logs there too)
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                record = {"id": run.id, "project": run.project, "entity": run.entity}
+                (Path(args.output_dir) / WANDB_RUN_FILE).write_text(json.dumps(record) + "\n")
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             logs = logs or {}
