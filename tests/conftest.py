@@ -30,10 +30,10 @@ _bind_library_loggers_to_the_real_streams()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# The slow tier: what starts real ranks, runs a documented launcher line, loads the real model, runs a
-# benchmark, or builds the C++ kernels for another instruction set. `make test` runs everything;
-# `make test-fast` (pytest -m "not slow") the rest.
-SLOW_KINDS = ("multirank", "launcher", "real_model", "benchmark", "build")
+# The slow tier: what starts real ranks, runs a documented launcher line, loads the real model, starts
+# gmt-align as a process of its own, runs a benchmark, or builds the C++ kernels for another instruction
+# set. `make test` runs everything; `make test-fast` (pytest -m "not slow") the rest: the core, in process.
+SLOW_KINDS = ("multirank", "launcher", "real_model", "process", "benchmark", "build")
 
 
 def pytest_collection_modifyitems(config, items):

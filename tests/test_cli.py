@@ -166,6 +166,7 @@ def test_shipped_recipes_parse():
         assert args.gmt_mask_ratio == yaml.safe_load(recipe.read_text())["gmt_mask_ratio"]
 
 
+@pytest.mark.process
 def test_real_process_exits_2_without_traceback(recipe):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

@@ -73,6 +73,7 @@ def test_bad_data_is_one_line_naming_file_and_row(capsys, recipe, tmp_path, meth
     assert lines[0].startswith(f"gmt-align {method}: error: {needle.format(file=data)}"), lines
 
 
+@pytest.mark.process
 def test_bad_data_in_a_real_process(recipe, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(messages(1)) + "\n{oops}\n")
@@ -103,6 +104,7 @@ def cli_run(method, data, out, *extra):
                           timeout=600)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_data_whose_every_answer_is_truncated_away_is_refused(tiny_model, tmp_path, method):
     data = tmp_path / "long.jsonl"
@@ -116,6 +118,7 @@ def test_data_whose_every_answer_is_truncated_away_is_refused(tiny_model, tmp_pa
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_a_partial_loss_to_truncation_is_counted_in_one_line(tiny_model, tmp_path, method):
     """A 100,000-character answer is cut (part of it kept), a long prompt loses its whole answer: the run
@@ -159,6 +162,7 @@ def cli(*argv):
     return result.returncode, [line for line in result.stderr.splitlines() if "error" in line]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("how, reason", [("truncated", "incomplete metadata, file not fully covered"),
                                          ("garbage", "header too large")])
 def test_weights_cut_short_are_one_line_in_sft_and_eval(recipe, tmp_path, how, reason):
@@ -171,6 +175,7 @@ def test_weights_cut_short_are_one_line_in_sft_and_eval(recipe, tmp_path, how, r
         2, [f"gmt-align eval: error: --model: {said}"])
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a folder nobody may write in")
 def test_a_folder_that_cannot_be_written_is_one_line_before_loading(recipe, tmp_path):
     """/sys refuses new files even to root (chmod does not stop root): as a read-only mount would."""

@@ -122,6 +122,7 @@ def test_the_anchor_rule_matches_githubs():
     assert anchor("Precision: bf16 is TRL's default") == "precision-bf16-is-trls-default"
 
 
+@pytest.mark.process
 def test_the_readme_recipe_runs_as_its_lines_say(tmp_path):
     """README's recipe, saved as my.yaml beside a my_data.jsonl, with its two command lines as written:
     validate says OK (bf16, TRL's default, is a note on this machine), and the training line is refused

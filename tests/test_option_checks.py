@@ -39,6 +39,7 @@ REPORTED = {
 }
 
 
+@pytest.mark.process
 def test_the_reported_options_are_one_line_from_a_real_process(quickstart, tmp_path):
     """``gmt-align sft --config recipes/quickstart/sft.yaml ... OPTION`` as the user ran each, all at once."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",

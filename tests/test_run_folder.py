@@ -48,6 +48,7 @@ def run_args(folder, **overrides):
 
 
 # --- the lock: real processes ------------------------------------------------------------------------------
+@pytest.mark.process
 def test_a_live_run_holds_its_folder_and_a_killed_one_does_not(tmp_path):
     holder = start_holder(tmp_path)
     try:
@@ -67,6 +68,7 @@ def test_a_live_run_holds_its_folder_and_a_killed_one_does_not(tmp_path):
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.process
 def test_the_command_refuses_a_folder_in_use_before_loading_anything(tmp_path, capsys):
     from gmt_align.cli import main as cli_main
 
@@ -111,6 +113,7 @@ def killed_safetensors_save(target: Path) -> Path:
     return left[0]
 
 
+@pytest.mark.process
 def test_temporaries_of_a_killed_save_are_removed_in_one_line(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
@@ -222,6 +225,7 @@ SIGTERM_DURING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 def test_sigterm_during_a_save_lets_it_finish_then_stops_with_one_line(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")

@@ -251,6 +251,7 @@ def test_bf16_without_a_gpu_names_the_fix(capsys, recipe):
     assert parse_recipe("sft", ["--config", path, "--use_cpu", "true"])[1].bf16  # bf16 on the CPU: asked for
 
 
+@pytest.mark.process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 can run here")
 def test_fp16_on_the_cpu_is_refused_like_bf16_not_trained_in_fp32(capsys, recipe):
     """accelerate turns fp16 autocast and its loss scaler on only off the CPU: the run used to train

@@ -210,6 +210,7 @@ def test_command_line_overrides_are_read_as_the_training_command_reads_them(caps
         assert sum(needle in line for line in out) == 1, (needle, out)
 
 
+@pytest.mark.process
 def test_real_process_loads_no_model_and_joins_no_job(write):
     """A hub id that cannot be loaded offline: validate never tries. And a launcher's variables in the
     environment (a job script, or validate run by mistake under torchrun) must not make it start a
