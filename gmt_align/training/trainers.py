@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Sized
 from pathlib import Path
@@ -185,8 +186,8 @@ class GMTTrainerMixin:
         said = check_truncation(self.train_dataset, rows_before, getattr(self.args, "max_length", None),
                                 getattr(self.args, "truncation_mode", "keep_start"),
                                 getattr(self.args, "packing", False))
-        if said and self.args.process_index == 0:
-            warnings.warn(said, stacklevel=2)
+        if said and self.args.process_index == 0:  # one line (warnings.warn would add its source line)
+            print(f"gmt-align: warning: {said}", file=sys.stderr, flush=True)
         self.gmt_record = GMTRunRecord()
         self.add_callback(self.gmt_record)
         if self.args.gmt_mask_ratio > 0:
