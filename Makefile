@@ -32,9 +32,10 @@ quickstart: $(STAMP)
 	$(PY) -m gmt_align.quickstart
 	$(VENV)/bin/gmt-align sft --config recipes/quickstart/sft.yaml
 
+# The slowest tests are listed at the end, to keep the whole run under ~20 minutes.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
-# The core in under 2 minutes: no real ranks, launchers, real model or benchmarks (tests/conftest.py).
+# The core in under 2 minutes: no real ranks, launchers, real model, own processes or benchmarks (tests/conftest.py).
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"

@@ -176,22 +176,17 @@ def test_own_task_end_to_end_matches_transformers_and_logs_to_the_training_run(s
     tasks.mkdir()
     docs = _task_files(tasks)
     # A training run's folder: the model's files, and the W&B run training started (offline).
-    import wandb
-
     run_folder = tmp_path / "run"
     run_folder.mkdir()
     for file in smollm2_dir.iterdir():
         (run_folder / file.name).symlink_to(file)
     wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    os.environ.update(wandb_env)
-    try:
-        training = wandb.init(project="gmt-test", dir=str(tmp_path))
-        training.log({"train/loss": 1.0})
-        training_id = training.id
-        wandb.finish()
-    finally:
-        for key in wandb_env:
-            os.environ.pop(key)
+    # In a process of its own, as training is: wandb's settings, once set up in a process, outlive
+    # wandb.finish() and would move the offline runs of every later test of this one.
+    training_id = subprocess.run(
+        [sys.executable, "-c", "import wandb; run = wandb.init(project='gmt-test'); run.log({'train/loss': 1.0}); "
+                               "print(run.id); wandb.finish()"],
+        env={**os.environ, **wandb_env}, capture_output=True, text=True, check=True, timeout=300).stdout.split()[-1]
     (run_folder / "wandb_run.json").write_text(json.dumps({"id": training_id, "project": "gmt-test", "entity": None}))
 
     # Before the model: an unknown name, and a task that runs code without consent, are one line.
