@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from study_stats import MIN_SEEDS, interval, paired, seeds_for  # noqa: E402
+from study_stats import MIN_SEEDS, interval, paired, seeds_for, write_run  # noqa: E402
 
 MODEL = ".cache/quickstart/SmolLM2-135M-Instruct"
 TASKS = ("basic_arithmetic", "chain_sum")
@@ -136,11 +136,7 @@ def run_one(arm: str, seed: int, out: Path) -> None:
     run["held_out"] = held_out_reward(model_dir)
     run["eval_s"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(scratch, ignore_errors=True)
-    path = out / "runs" / f"{arm}-s{seed}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_run(out, arm, seed, run)
 
 
 def metrics(run: dict) -> dict:

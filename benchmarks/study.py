@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from study_stats import report  # noqa: E402
+from study_stats import report, write_run  # noqa: E402
 
 MODEL = ".cache/quickstart/SmolLM2-135M-Instruct"
 TASKS = ("basic_arithmetic", "chain_sum")
@@ -153,11 +153,7 @@ def run_one(arm: str, seed: int, out: Path) -> None:
                                      "reference_ranking_accuracy")}
     result["eval_s"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(scratch, ignore_errors=True)
-    path = out / "runs" / f"{arm}-s{seed}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_run(out, arm, seed, result)
 
 
 def check_settings(out: Path, record: bool = True) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -21,6 +22,17 @@ VANILLA = ("sft", "sft-lr0.5", "sft-lr0.25")
 MIN_SEEDS = 3
 TARGET_NLL = 0.02  # the half-width we want for a paired NLL difference
 PREFERENCE = ("preference_accuracy", "reward_margin", "ranking_accuracy")  # DPO arms (vs the base model)
+
+
+def write_run(out: Path, arm: str, seed: int, result: dict) -> Path:
+    """``OUT/runs/ARM-sSEED.json``, written whole (a temporary file renamed into place): a run whose
+    file exists is done, so a killed study never leaves half a result."""
+    path = out / "runs" / f"{arm}-s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def t95(df: int) -> float:
