@@ -105,5 +105,6 @@ def distinct_characters(completions, **kwargs) -> list[float]:
     """A GRPO reward for models that know nothing (the tests' tiny random one): the number of distinct
     characters of each completion, which differs within a group, so that advantages (and the gradient)
     are not zero. Named in a recipe as ``reward_funcs: [gmt_align.testing.distinct_characters]``."""
-    texts = [c if isinstance(c, str) else "".join(str(turn.get("content") or "") for turn in c) for c in completions]
-    return [float(len(set(text))) for text in texts]
+    from gmt_align.evaluation.rewards import completion_text
+
+    return [float(len(set(completion_text(completion)))) for completion in completions]

@@ -62,6 +62,14 @@ def test_rewards_resolve_as_trl_grpo_names_them(tmp_path, monkeypatch):
     assert resolve_reward("gmt_align.testing:distinct_characters") is distinct_characters
     dotted, from_file = resolve_reward("my_rewards.exact"), resolve_reward("my_rewards.py:exact")
     assert dotted(["1", "2"], solution=["1", "1"]) == from_file(["1", "2"], solution=["1", "1"]) == [1.0, 0.0]
+    # a file is run once, as an import is: the checks, the data check and the trainer resolve it alike
+    (tmp_path / "counted.py").write_text("import builtins\nbuiltins.counted_runs = getattr(builtins, 'counted_runs', 0) + 1\n"
+                                         "def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    assert resolve_reward("counted.py:f") is resolve_reward(str(tmp_path / "counted.py") + ":f")
+    import builtins
+
+    assert builtins.counted_runs == 1
+    del builtins.counted_runs
     import trl.rewards
 
     assert resolve_reward("think_format_reward") is trl.rewards.think_format_reward

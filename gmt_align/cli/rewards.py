@@ -14,6 +14,7 @@ A module is looked up from the working directory first, as ``trl grpo`` does. Ev
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -70,18 +71,23 @@ def _trl_reward(name: str) -> Callable:
 
 def _import(module_name: str, name: str):
     """``module_name`` from the working directory first (``trl grpo`` puts it first on ``sys.path``), or a
-    ``.py`` file."""
+    ``.py`` file. Either is run once per process, as an import is: the checks before loading, the data
+    check and the trainer all resolve the same names."""
     if module_name.endswith(".py"):
-        path = Path(module_name).expanduser()
+        path = Path(module_name).expanduser().resolve()
         if not path.is_file():
             raise RewardError(f"reward_funcs: {name!r}: no such file {module_name}")
-        spec = importlib.util.spec_from_file_location(f"gmt_align_reward_{path.stem}", path)
+        key = f"gmt_align_reward_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        if key in sys.modules:
+            return sys.modules[key]
+        spec = importlib.util.spec_from_file_location(key, path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except Exception as error:  # noqa: BLE001 - the user's module: say what it raised, in one line
             raise RewardError(f"reward_funcs: {name!r}: importing {module_name} failed: "
                               f"{type(error).__name__}: {error}") from None
+        sys.modules[key] = module
         return module
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
