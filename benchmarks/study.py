@@ -39,14 +39,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from study_stats import report, write_run  # noqa: E402
+from study_stats import drive, report, write_run  # noqa: E402
 
 MODEL = ".cache/quickstart/SmolLM2-135M-Instruct"
 TASKS = ("basic_arithmetic", "chain_sum")
@@ -176,39 +175,6 @@ def runs_to_do(args) -> list[tuple[str, int]]:
             if not (args.out / "runs" / f"{a}-s{s}.json").is_file()]
 
 
-def drive(args) -> None:
-    """The runs still to do, ``--jobs`` child processes of one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    todo = runs_to_do(args)
-    print(f"study: {len(todo)} runs to do in {args.out} ({args.jobs} at a time)", flush=True)
-    logs = ROOT / "outputs" / "study-scratch" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    running: list = []
-    failed = []
-    t_start = time.perf_counter()
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            arm, seed = todo.pop(0)
-            cmd = [sys.executable, __file__, "--_run", arm, str(seed), "--out", str(args.out)]
-            with open(logs / f"{args.out.name}-{arm}-s{seed}.txt", "w") as log:
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((arm, seed, proc, time.perf_counter()))
-        time.sleep(2)
-        for item in list(running):
-            arm, seed, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs})"
-            if proc.returncode:
-                failed.append(f"{arm}-s{seed}")
-            print(f"[{(time.perf_counter() - t_start) / 60:6.1f} min] {arm} seed {seed}: {status} "
-                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    if failed:
-        raise SystemExit(f"study: {len(failed)} runs failed: {', '.join(failed)}")
-
-
 def make_parser() -> argparse.ArgumentParser:
     """The command line of this script (the tests parse documented lines with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -250,7 +216,7 @@ def main(argv=None) -> None:
         return
     if not args.report_only:
         check_settings(args.out)
-        drive(args)
+        drive(__file__, args.out, runs_to_do(args), args.jobs)
     report(args.out, ARMS, TASKS)
 
 

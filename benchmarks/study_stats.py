@@ -14,6 +14,9 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from scipy.stats import t as student_t
@@ -33,6 +36,43 @@ def write_run(out: Path, arm: str, seed: int, result: dict) -> Path:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def drive(script: str, out: Path, todo: list[tuple[str, int]], jobs: int, child_args: list[str] = ()) -> None:
+    """Run ``script --_run ARM SEED --out OUT *child_args`` for each (arm, seed) in ``todo``, ``jobs``
+    child processes of one thread each at a time; each child's output goes to
+    ``outputs/study-scratch/logs/OUT-ARM-sSEED.txt``. Exits naming the runs that failed."""
+    root = Path(script).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(root)}
+    name = Path(script).stem
+    todo = list(todo)
+    print(f"{name}: {len(todo)} runs to do in {out} ({jobs} at a time)", flush=True)
+    logs = root / "outputs" / "study-scratch" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: list = []
+    failed = []
+    t_start = time.perf_counter()
+    while todo or running:
+        while todo and len(running) < jobs:
+            arm, seed = todo.pop(0)
+            cmd = [sys.executable, script, "--_run", arm, str(seed), "--out", str(out), *child_args]
+            with open(logs / f"{out.name}-{arm}-s{seed}.txt", "w") as log:
+                proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((arm, seed, proc, time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            arm, seed, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs})"
+            if proc.returncode:
+                failed.append(f"{arm}-s{seed}")
+            print(f"[{(time.perf_counter() - t_start) / 60:6.1f} min] {arm} seed {seed}: {status} "
+                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    if failed:
+        raise SystemExit(f"{name}: {len(failed)} runs failed: {', '.join(failed)}")
 
 
 def t95(df: int) -> float:

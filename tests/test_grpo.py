@@ -6,6 +6,7 @@ ZeRO-2, ZeRO-3 and FSDP2 on 2 ranks one GRPO step masks what one process masks."
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,47 @@ def test_the_grpo_study_plans_its_arms_paired_by_seed_and_refuses_a_mixed_folder
     (tmp_path / "study.json").write_text(json.dumps({**grpo_study.REGIME, "lr": 1.0}))
     with pytest.raises(SystemExit, match="holds runs of another regime"):
         grpo_study.main(["--out", str(tmp_path), "--plan"])
+
+
+def _documented_grpo_study_lines() -> list[list[str]]:
+    """docs/results.md's benchmarks/grpo_study.py lines (code blocks), as written."""
+    text = (ROOT / "docs" / "results.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines()
+            if line.startswith(".venv/bin/python benchmarks/grpo_study.py")]
+
+
+@pytest.mark.benchmark
+def test_documented_grpo_study_lines_rebuild_the_report_and_plan_only_what_is_missing(tmp_path):
+    """docs/results.md's GRPO study lines as written: the report line rebuilds the table from a copy of the
+    committed runs (every run in it, with its own figure); a training line plus --plan (which trains
+    nothing) plans exactly the named runs that have no committed result file."""
+    import shutil
+
+    lines = _documented_grpo_study_lines()
+    reports = [argv for argv in lines if "--report_only" in argv]
+    trains = [argv for argv in lines if "--report_only" not in argv]
+    assert reports and trains, lines
+    committed = ROOT / "benchmarks" / "study_results" / "grpo"
+    runs = [json.loads(f.read_text()) for f in sorted((committed / "runs").glob("*.json"))]
+    assert len(runs) >= 1 + 7 * 3  # base, and every other arm at three seeds at least
+    for i, argv in enumerate(reports):
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(committed, copy)
+        done = subprocess.run([*argv, "--out", str(copy)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        arms = json.loads((copy / "results.json").read_text())["arms"]
+        for r in runs:
+            reward = sum(t["reward"] for t in r["held_out"].values()) / len(r["held_out"])
+            assert arms[r["arm"]]["per_seed"][str(r["seed"])]["reward"] == pytest.approx(reward)
+            assert f"| {r['arm']} |" in (copy / "results.md").read_text()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grpo_study
+
+    for argv in trains:
+        done = subprocess.run([*argv, "--plan"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        planned = [p for p in done.stdout.strip().rsplit(": ", 1)[1].split(", ") if p != "none"]
+        args = grpo_study.make_parser().parse_args(argv[2:])
+        out = ROOT / args.out
+        named = [f"{a}-s{s}" for s in args.seeds for a in args.arms if not (a == "base" and s != args.seeds[0])]
+        assert planned == [n for n in named if not (out / "runs" / f"{n}.json").is_file()], argv

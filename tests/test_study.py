@@ -159,3 +159,36 @@ def test_documented_study_runs_plan_the_runs_they_say(study, smollm2_dir, tmp_pa
     other = [*plan[:-3], "--out", "benchmarks/study_results/dpo-e3", "--dpo_lr", "1.0", "--plan"]
     run = subprocess.run(other, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "holds runs made with" in run.stderr and "choose another --out" in run.stderr
+
+
+def test_drive_runs_each_child_at_most_jobs_at_a_time_and_names_the_failed(tmp_path, capsys, monkeypatch):
+    """study_stats.drive, which both studies use: every (arm, seed) runs once as ``--_run ARM SEED
+    --out OUT *child_args``, never more than ``jobs`` at a time; each child's output is in its log
+    and a failed run is named in the exit message after the others have run."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import study_stats
+
+    script = tmp_path / "bench" / "child.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import sys, time, pathlib\n"
+        "arm, seed, out, extra = sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[5]), sys.argv[6:]\n"
+        "(out / f'{arm}-s{seed}.start').write_text(str(time.time()))\n"
+        "time.sleep(1.5)\n"
+        "(out / f'{arm}-s{seed}.end').write_text(str(time.time()))\n"
+        "print('child', arm, seed, *extra)\n"
+        "sys.exit(3 if arm == 'bad' else 0)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    todo = [("a", 1), ("a", 2), ("bad", 1), ("b", 1)]
+    with pytest.raises(SystemExit, match=r"1 runs failed: bad-s1$"):
+        study_stats.drive(str(script), out, todo, 2, ["--lr=0.5"])
+    spans = [(float((out / f"{a}-s{s}.start").read_text()), float((out / f"{a}-s{s}.end").read_text()))
+             for a, s in todo]
+    for start, _ in spans:  # at each start, the runs then going on (itself included)
+        assert sum(s <= start < e for s, e in spans) <= 2
+    assert max(s for s, _ in spans) < min(e for _, e in spans) + 3  # two at a time, not one
+    log = tmp_path / "outputs" / "study-scratch" / "logs" / "out-a-s2.txt"
+    assert log.read_text().strip() == "child a 2 --lr=0.5"
+    printed = capsys.readouterr().out
+    assert "4 runs to do" in printed and "bad seed 1: FAILED (exit 3" in printed and printed.count(": done in") == 3
