@@ -95,8 +95,23 @@ def test_reward_problems_list_each_name_and_a_missing_reward():
     assert [line.split(":")[0] for line in reward_problems({"reward_funcs": ["x", "y.z"]}, needs_one=True)] == [
         "reward_funcs", "reward_funcs"]
     assert reward_problems({}, needs_one=True)[0].startswith("GRPO needs a reward")
-    assert reward_problems({"reward_model_name_or_path": "./no/such/dir"}) == [
-        "reward_model_name_or_path: no such directory ./no/such/dir"]
+
+
+def test_a_local_reward_model_must_exist_with_readable_weights(tmp_path):
+    """reward_model_name_or_path, checked as model_name_or_path is: a local path must exist and its
+    safetensors files be readable; a hub id is taken on trust."""
+    from gmt_align.cli.recipe import source_problems
+
+    def lines(path):
+        recipe = {"reward_model_name_or_path": path, "model_name_or_path": "some/hub-model"}
+        return [line for line in source_problems(recipe, recipe, recipe) if line.startswith("reward_model")]
+
+    assert lines("./no/such/dir") == ["reward_model_name_or_path: no such directory ./no/such/dir"]
+    assert lines("some/hub-reward-model") == []
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    [line] = lines(str(tmp_path))
+    assert line.startswith(f"reward_model_name_or_path: {tmp_path / 'model.safetensors'} is not a readable "
+                           "safetensors file"), line
 
 
 def run_cli(*argv, cwd=ROOT, timeout=300):

@@ -343,6 +343,11 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     resume = option_value(training_args, "resume_from_checkpoint")  # a path, or true/false (YAML or command line)
     if isinstance(resume, str) and resume.strip().lower() not in BOOLEAN_WORDS and not Path(resume).expanduser().is_dir():
         found.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
+    reward_model = option_value(script_args, "reward_model_name_or_path")  # a GRPO field
+    if isinstance(reward_model, str) and _missing(reward_model):
+        found.append(f"reward_model_name_or_path: no such directory {reward_model}")
+    elif isinstance(reward_model, str) and Path(reward_model).expanduser().is_dir() and weights_problem(reward_model):
+        found.append(f"reward_model_name_or_path: {weights_problem(reward_model)}")
     from .rewards import reward_problems
 
     found += reward_problems(script_args, needs_one=isinstance(script_args, GMTGRPOScriptArguments))

@@ -134,6 +134,4 @@ def reward_problems(script_args, needs_one: bool = False) -> list[str]:
             resolve_reward(name)
         except RewardError as error:
             problems.append(str(error))
-    if isinstance(model, str) and model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
-        problems.append(f"reward_model_name_or_path: no such directory {model}")
     return problems
