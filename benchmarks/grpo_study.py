@@ -19,8 +19,9 @@ same sampling seed for every model): the held-out reward, i.e. the accuracy of `
 sampled per problem at the training temperature (``eval_n`` problems per task of basic_arithmetic and
 chain_sum), and the greedy accuracy. Each run writes ``OUT/runs/ARM-sSEED.json`` (commit them) and
 deletes its weights; a run whose file exists is skipped. The report (``OUT/results.md``,
-``OUT/results.json``) pairs each arm with vanilla GRPO, and each GMT arm with its random twin, by seed.
-"""
+``OUT/results.json``) pairs each trained arm with the base model (one model: its one run serves every
+seed) and with vanilla GRPO, and each GMT arm with its random twin, by seed. ``--jobs N`` runs N
+children of one thread each side by side, seed after seed (:func:`study_stats.drive`)."""
 
 from __future__ import annotations
 
@@ -152,13 +153,28 @@ def metrics(run: dict) -> dict:
             "greedy_accuracy": statistics.fmean(t["greedy_accuracy"] for t in held)}
 
 
+def show(d: dict | None) -> str:
+    """A paired difference as the tables print it: mean ± 95 % half-width, 'resolved', (n=seeds)."""
+    if d is None:
+        return "–"
+    half = "" if d["ci95_half"] is None else f" ± {d['ci95_half']:.3f}"
+    return f"{d['mean']:+.3f}{half}{' resolved' if d['resolved'] else ''} (n={d['n']})"
+
+
 def report(out: Path) -> dict:
+    """The table: each trained arm against the base model, against vanilla GRPO and (GMT) against its
+    random twin, paired by seed. The base model is one model, evaluated with the same problems and
+    sampling seed whatever the seed, so its one run is every seed's reference."""
+    if not any((out / "runs").glob("*.json")):
+        raise SystemExit(f"grpo_study: no runs in {out / 'runs'} to report")
     by_arm: dict[str, dict[int, dict]] = {}
     for path in sorted((out / "runs").glob("*.json")):
         run = json.loads(path.read_text())
-        by_arm.setdefault(run["arm"], {})[run["seed"]] = metrics(run)
-    rows, lines = {}, ["| arm | seeds | held-out reward | greedy accuracy | vs grpo (reward) | vs random twin "
-                       "(reward) | seeds for ±0.02 |", "|---|---|---|---|---|---|---|"]
+        by_arm.setdefault(run["arm"], {})[run["seed"]] = {**metrics(run), "kept": run.get("kept_fraction")}
+    base = next(iter(by_arm["base"].values())) if "base" in by_arm else None
+    rows, lines = {}, ["| arm | seeds | held-out reward | greedy accuracy | reward vs base | reward vs grpo | "
+                       "reward vs random twin | greedy vs base | greedy vs grpo | seeds for ±0.02 |",
+                       "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         if arm not in by_arm:
             continue
@@ -166,27 +182,24 @@ def report(out: Path) -> dict:
         row = {m: interval([v[m] for v in seeds.values()]) for m in ("reward", "greedy_accuracy")}
         row["seeds"] = sorted(seeds)
         row["per_seed"] = {str(s): seeds[s] for s in sorted(seeds)}
-        reference = "base" if arm == "grpo" else "grpo"
-        if arm != "base" and reference in by_arm:
-            row["vs_" + reference] = paired(seeds, by_arm[reference], "reward")
+        if arm != "base" and base is not None:
+            row["vs_base"] = paired(seeds, {s: base for s in seeds}, "reward")
+            row["greedy_vs_base"] = paired(seeds, {s: base for s in seeds}, "greedy_accuracy")
+        if arm not in ("base", "grpo") and "grpo" in by_arm:
+            row["vs_grpo"] = paired(seeds, by_arm["grpo"], "reward")
+            row["greedy_vs_grpo"] = paired(seeds, by_arm["grpo"], "greedy_accuracy")
         twin = arm.replace("gmt-", "random-") if arm.startswith("gmt-") else None
         if twin in by_arm:
             row["vs_random"] = paired(seeds, by_arm[twin], "reward")
         rows[arm] = row
         vs = row.get("vs_grpo") or row.get("vs_base")
-
-        def show(d):
-            if d is None:
-                return "–"
-            half = "" if d["ci95_half"] is None else f" ± {d['ci95_half']:.3f}"
-            return f"{d['mean']:+.3f}{half}{' resolved' if d['resolved'] else ''} (n={d['n']})"
-
         need = seeds_for(vs["sd"], TARGET) if vs else None
         lines.append(f"| {arm} | {len(seeds)} | {row['reward']['mean']:.3f} | {row['greedy_accuracy']['mean']:.3f} | "
-                     f"{show(vs)}{' (vs base)' if arm == 'grpo' else ''} | {show(row.get('vs_random'))} | "
-                     f"{need or '–'} |")
-    note = (f"Paired by seed; 95 % t intervals over seeds; 'resolved' needs the interval to exclude 0 and at least "
-            f"{MIN_SEEDS} seeds. Regime: {json.dumps(REGIME)}.")
+                     f"{show(row.get('vs_base'))} | {show(row.get('vs_grpo'))} | {show(row.get('vs_random'))} | "
+                     f"{show(row.get('greedy_vs_base'))} | {show(row.get('greedy_vs_grpo'))} | {need or '–'} |")
+    note = (f"Held-out reward: the accuracy of {REGIME['samples']} sampled answers per problem; paired by seed; 95 % "
+            f"t intervals over seeds; 'resolved' needs the interval to exclude 0 and at least {MIN_SEEDS} seeds; "
+            f"seeds for ±{TARGET}: the reward against grpo (grpo: against base). Regime: {json.dumps(REGIME)}.")
     (out / "results.md").write_text("\n".join(lines) + "\n\n" + note + "\n")
     (out / "results.json").write_text(json.dumps({"regime": REGIME, "arms": rows}, indent=1) + "\n")
     print("\n".join(lines) + "\n\n" + note)
