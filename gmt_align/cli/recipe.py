@@ -316,6 +316,18 @@ def _missing(path: str) -> bool:
     return _looks_local(path) and not Path(path).expanduser().exists()
 
 
+def _model_folder_problem(key: str, name, hint: str = "") -> str | None:
+    """A model named by a local path that does not exist, or a folder whose safetensors files cannot be
+    read, in one line; a hub id is taken on trust."""
+    if not isinstance(name, str):
+        return None
+    if _missing(name):
+        return f"{key}: no such directory {name}{hint}"
+    if Path(name).expanduser().is_dir() and (problem := weights_problem(name)):
+        return f"{key}: {problem}"
+    return None
+
+
 def source_problems(script_args, training_args, model_args) -> list[str]:
     """Everything a recipe names that must exist or fit together before training: one line per problem.
 
@@ -333,10 +345,8 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     name = option_value(model_args, "model_name_or_path")
     if not name:
         found.append("model_name_or_path is required")
-    elif _missing(name):
-        found.append(f"model_name_or_path: no such directory {name} (quickstart model: make quickstart)")
-    elif isinstance(name, str) and Path(name).expanduser().is_dir() and weights_problem(name):
-        found.append(f"model_name_or_path: {weights_problem(name)}")
+    elif problem := _model_folder_problem("model_name_or_path", name, " (quickstart model: make quickstart)"):
+        found.append(problem)
     template = option_value(training_args, "chat_template_path")  # an SFT field
     if template and _missing(template):
         found.append(f"chat_template_path: no such file {template}")
@@ -344,10 +354,8 @@ def source_problems(script_args, training_args, model_args) -> list[str]:
     if isinstance(resume, str) and resume.strip().lower() not in BOOLEAN_WORDS and not Path(resume).expanduser().is_dir():
         found.append(f"resume_from_checkpoint: no such checkpoint directory {resume}")
     reward_model = option_value(script_args, "reward_model_name_or_path")  # a GRPO field
-    if isinstance(reward_model, str) and _missing(reward_model):
-        found.append(f"reward_model_name_or_path: no such directory {reward_model}")
-    elif isinstance(reward_model, str) and Path(reward_model).expanduser().is_dir() and weights_problem(reward_model):
-        found.append(f"reward_model_name_or_path: {weights_problem(reward_model)}")
+    if reward_model and (problem := _model_folder_problem("reward_model_name_or_path", reward_model)):
+        found.append(problem)
     from .rewards import reward_problems
 
     found += reward_problems(script_args, needs_one=isinstance(script_args, GMTGRPOScriptArguments))
