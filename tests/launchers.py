@@ -162,6 +162,22 @@ def launch(name: str, output_dir, *overrides: str, env: dict | None = None, time
     return [result.stdout for result in results]
 
 
+def exit_threads_env() -> dict:
+    """The environment under which each launched rank says which threads it still runs as Python shuts
+    down (tests/exit_threads); read back with :func:`assert_no_group_threads_at_exit`."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "exit_threads"), cpu_env()["PYTHONPATH"]]),
+            "GMT_TEST_EXIT_THREADS": "1"}
+
+
+def assert_no_group_threads_at_exit(stdout: str, ranks: int = 2) -> None:
+    """Every rank reported its threads at exit, and none is a process group's (gloo's): a group left
+    alive into the interpreter's shutdown can abort a run that finished and saved."""
+    reports = dict(re.findall(r"^gmt-test: rank (\d+) threads at exit: (.*)$", stdout, re.M))
+    assert sorted(map(int, reports)) == list(range(ranks)), stdout[-3000:]
+    left = {rank: [name for name in names.split() if "gloo" in name] for rank, names in reports.items()}
+    assert not any(left.values()), f"process-group threads alive at exit: {left}"
+
+
 @contextmanager
 def default_port_held(wait: float = 120):
     """The documented lines rendezvous on the launchers' default port, 29500, so two test sessions on

@@ -4,7 +4,7 @@ process without a launcher, against 1 plain process; on the tiny random-weight S
 (conftest.tiny_model): the ranks and launchers are the point (tests/test_real_model.py trains the real one)."""
 
 import pytest
-from launchers import launch
+from launchers import assert_no_group_threads_at_exit, exit_threads_env, launch
 from multirank.launch import ROOT
 from quickstart_runs import (
     assert_unchanged_fraction_is_the_ratio,
@@ -40,8 +40,9 @@ def single_process_sft(quickstart, tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("launcher", ["torchrun_cpu", "accelerate_zero3", "accelerate_ddp"])
 def test_sft_masks_what_one_process_masks(quickstart, tiny_model, single_process_sft, tmp_path, launcher):
-    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, *tiny_model)
+    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, *tiny_model, env=exit_threads_env())
     assert "'gmt/kept_fraction': '0.7'" in stdout  # reduced over both ranks
+    assert_no_group_threads_at_exit(stdout)
     base, tuned = saved_weights(quickstart["model"]), saved_weights(tmp_path)
     assert_unchanged_fraction_is_the_ratio(base, tuned, RATIO)
     # Same global batch, same mask, up to reduction-order rounding of gradients near the threshold.
@@ -60,8 +61,10 @@ def test_one_process_under_zero2_without_a_launcher(quickstart, tiny_model, sing
 
 @pytest.mark.parametrize("launcher", ["accelerate_zero2_dpo", "accelerate_use_deepspeed_dpo"])
 def test_dpo_under_zero(quickstart, tiny_model, tmp_path, launcher):
-    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, "--learning_rate", "1e-4", *tiny_model)
+    (stdout,) = launch(launcher, tmp_path, *ONE_STEP, *PER_RANK, "--learning_rate", "1e-4", *tiny_model,
+                       env=exit_threads_env())
     assert "'gmt/kept_fraction'" in stdout
+    assert_no_group_threads_at_exit(stdout)
     assert_unchanged_fraction_is_the_ratio(saved_weights(quickstart["model"]), saved_weights(tmp_path), RATIO)
 
 

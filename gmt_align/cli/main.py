@@ -147,6 +147,12 @@ def _run(command: str, rest: list[str]) -> int:
     from .rewards import RewardError
     from .train import train
 
+    if "WORLD_SIZE" in os.environ or _asks_for_deepspeed(rest):
+        # Before the recipe's TrainingArguments start the process group (DeepSpeed is imported later in
+        # every distributed run, DDP's too): deepspeed.comm binds the group that exists when it is first
+        # imported into default arguments (TorchBackend.barrier), where it outlives the run, its gloo
+        # threads with it, into the interpreter's shutdown (see train.end_processes).
+        import deepspeed.comm  # noqa: F401
     try:
         parsed = parse_recipe(command, rest)
     except RecipeError as error:

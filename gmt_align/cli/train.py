@@ -20,11 +20,14 @@ from gmt_align.core.contract import Contract
 
 from .data import load_datasets
 
-__all__ = ["CONTRACT", "ignore_bool_buffers", "model_kwargs", "train", "use_cpu_threads"]
+__all__ = ["CONTRACT", "end_processes", "ignore_bool_buffers", "model_kwargs", "release_process_groups", "train",
+           "use_cpu_threads"]
 
-# DDP's own helper for the names it leaves unsynchronised (what TRL's dpo script sets by hand).
-CONTRACT = Contract(checked_with="torch 2.13", names=(
-    "torch.nn.parallel:DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",))
+# DDP's own helper for the names it leaves unsynchronised (what TRL's dpo script sets by hand), and the
+# list in which ZeRO-3 keeps the model for the life of the process (release_process_groups).
+CONTRACT = Contract(checked_with="torch 2.13, deepspeed 0.19.8", names=(
+    "torch.nn.parallel:DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
+    "deepspeed.runtime.zero.parameter_offload:FWD_MODULE_STACK"))
 
 
 def model_kwargs(model_args) -> dict:
@@ -64,19 +67,19 @@ def use_cpu_threads(training_args) -> int | None:
     return threads
 
 
-def train(method: str, script_args, training_args, model_args):
+def train(method: str, script_args, training_args, model_args) -> None:
     """Load data and model, train with GMT, save model + tokenizer to ``output_dir``; on SIGTERM, stop with
-    one line naming the last complete checkpoint (:mod:`gmt_align.training.preemption`)."""
+    one line naming the last complete checkpoint (:mod:`gmt_align.training.preemption`). The process
+    groups are destroyed on return, and under DDP and DeepSpeed their threads have ended
+    (:func:`end_processes`, :func:`release_process_groups`)."""
     from gmt_align.training.preemption import StopOnSigterm
 
     with StopOnSigterm(f"gmt-align {method}", training_args) as stop:  # one line, and no half-written save
-        return _train(method, script_args, training_args, model_args, stop)
+        _train(method, script_args, training_args, model_args, stop)
+    release_process_groups()
 
 
 def _train(method, script_args, training_args, model_args, stop):
-    import transformers
-    from packaging.version import Version
-
     from gmt_align.core.distributed import ensure_deepspeed_comm
     from gmt_align.training.trainers import GMTDPOTrainer, GMTGRPOTrainer, GMTSFTTrainer
 
@@ -114,6 +117,47 @@ def _train(method, script_args, training_args, model_args, stop):
     with stop.saving(final=True):
         trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"gmt-align: model saved to {os.path.abspath(training_args.output_dir)}")
+    end_processes(trainer)
+
+
+def end_processes(trainer) -> None:
+    """Take the run's engine and process groups down, once every rank is here; finish the trackers.
+
+    A barrier first, so that no collective is still in flight on any rank; then the DeepSpeed engine
+    is destroyed (``accelerator.free_memory()``: its hooks hold the model in a cycle that outlives
+    the trainer), then DeepSpeed's own teardown (torch's groups and DeepSpeed's references to them),
+    then ``trainer.end()`` (the trackers; the group, where DeepSpeed did not take it down).
+    """
+    import torch.distributed as dist
+    import transformers
+    from packaging.version import Version
+
+    if dist.is_available() and dist.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_deepspeed_enabled:
+            from deepspeed import comm
+
+            trainer.accelerator.free_memory()
+            if comm.is_initialized():
+                comm.destroy_process_group()
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()
-    return trainer
+    else:
+        trainer.accelerator.end_training()
+
+
+def release_process_groups() -> None:
+    """Free what still holds a destroyed process group, so that its gloo threads end now.
+
+    ZeRO-3 keeps the model (whose parameters hold a group) in ``parameter_offload.FWD_MODULE_STACK``
+    for the life of the process. Left there, the groups' threads outlive the interpreter's shutdown,
+    where a thread that touches a Python object aborts the process ("terminate called without an
+    active exception") after a run that finished and saved.
+    """
+    import gc
+    import sys
+
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+    gc.collect()
