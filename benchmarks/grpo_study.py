@@ -183,8 +183,9 @@ def report(out: Path) -> dict:
         row["seeds"] = sorted(seeds)
         row["per_seed"] = {str(s): seeds[s] for s in sorted(seeds)}
         if arm != "base" and base is not None:
-            row["vs_base"] = paired(seeds, {s: base for s in seeds}, "reward")
-            row["greedy_vs_base"] = paired(seeds, {s: base for s in seeds}, "greedy_accuracy")
+            base_by_seed = {s: base for s in seeds}
+            row["vs_base"] = paired(seeds, base_by_seed, "reward")
+            row["greedy_vs_base"] = paired(seeds, base_by_seed, "greedy_accuracy")
         if arm not in ("base", "grpo") and "grpo" in by_arm:
             row["vs_grpo"] = paired(seeds, by_arm["grpo"], "reward")
             row["greedy_vs_grpo"] = paired(seeds, by_arm["grpo"], "greedy_accuracy")

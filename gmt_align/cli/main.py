@@ -147,7 +147,7 @@ def _run(command: str, rest: list[str]) -> int:
     from .rewards import RewardError
     from .train import train
 
-    if "WORLD_SIZE" in os.environ or _asks_for_deepspeed(rest):
+    if "WORLD_SIZE" in os.environ:  # set by every launcher, and by main() for a launcher-less DeepSpeed run
         # Before the recipe's TrainingArguments start the process group (DeepSpeed is imported later in
         # every distributed run, DDP's too): deepspeed.comm binds the group that exists when it is first
         # imported into default arguments (TorchBackend.barrier), where it outlives the run, its gloo
