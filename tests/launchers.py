@@ -172,7 +172,7 @@ def exit_threads_env() -> dict:
 def assert_no_group_threads_at_exit(stdout: str, ranks: int = 2) -> None:
     """Every rank reported its threads at exit, and none is a process group's (gloo's): a group left
     alive into the interpreter's shutdown can abort a run that finished and saved."""
-    reports = dict(re.findall(r"^gmt-test: rank (\d+) threads at exit: (.*)$", stdout, re.M))
+    reports = dict(re.findall(r"gmt-test: rank (\d+) threads at exit: ((?:(?!gmt-test:)[^\n])*)", stdout))
     assert sorted(map(int, reports)) == list(range(ranks)), stdout[-3000:]
     left = {rank: [name for name in names.split() if "gloo" in name] for rank, names in reports.items()}
     assert not any(left.values()), f"process-group threads alive at exit: {left}"

@@ -7,11 +7,15 @@ exercises its launcher line and checks what the trained model holds.
 """
 
 import ast
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from launchers import DOCUMENTS, LAUNCHERS, documented_lines, tokens
+from launchers import (DOCUMENTS, LAUNCHERS, assert_no_group_threads_at_exit, documented_lines,
+                       exit_threads_env, tokens)
 from multirank.launch import ROOT
 
 
@@ -54,3 +58,21 @@ def test_each_line_is_run_by_the_test_it_names(name):
     names = {node.value for node in ast.walk(definition) if isinstance(node, ast.Constant)}  # decorators included
     assert name in names, f"{LAUNCHERS[name].tested_by} does not name {name!r}"
     assert re.search(r"\blaunch\(", ast.get_source_segment((ROOT / path).read_text(), definition))
+
+
+def test_exit_reports_are_read_when_two_ranks_share_one_pipe():
+    """As CI saw it: one rank's report ran into the other's on the launcher's shared output."""
+    interleaved = ("saved\ngmt-test: rank 1 threads at exit: jemalloc_bg_thd python"
+                   "gmt-test: rank 0 threads at exit: jemalloc_bg_thd python python\n\n")
+    assert_no_group_threads_at_exit(interleaved)
+    with pytest.raises(AssertionError, match="gloo"):
+        assert_no_group_threads_at_exit(interleaved.replace("python python", "python gloo_thread"))
+    with pytest.raises(AssertionError):  # a rank that never reported
+        assert_no_group_threads_at_exit("gmt-test: rank 0 threads at exit: python\n")
+
+
+def test_each_rank_reports_its_exit_threads_on_a_line_of_its_own(tmp_path):
+    env = {**os.environ, **exit_threads_env(), "RANK": "1"}
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('no newline')"], env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert re.search(r"^no newline\ngmt-test: rank 1 threads at exit: .*python.*\n$", result.stderr), result.stderr

@@ -23,7 +23,10 @@ if os.environ.get("GMT_TEST_EXIT_THREADS") == "1" and "RANK" in os.environ:
                     names.append(comm.read().strip())
             except OSError:  # a thread that ended meanwhile
                 pass
-        print(f"gmt-test: rank {os.environ['RANK']} threads at exit: {' '.join(sorted(names))}", file=sys.stderr,
-              flush=True)
+        # One write(2) of a short line is not interleaved with another rank's on the shared pipe (print
+        # writes the text and its newline apart); the leading newline ends whatever the rank printed last.
+        sys.stderr.flush()
+        line = f"\ngmt-test: rank {os.environ['RANK']} threads at exit: {' '.join(sorted(names))}\n"
+        os.write(2, line.encode())
 
     atexit.register(_threads_at_exit)
